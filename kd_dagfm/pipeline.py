@@ -1,0 +1,119 @@
+"""The main job: the three phases in sequence, then a results table."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+
+import torch
+
+from kd_dagfm.config import RunConfig
+from kd_dagfm.data.reader import load_schema
+from kd_dagfm.data.synthetic import generate_synthetic
+from kd_dagfm.data.writer import write_dataset
+from kd_dagfm.model import KDDAGFM
+from kd_dagfm.phases import PIPELINE, Phase
+from kd_dagfm.schema import SCHEMA_FILE, FeatureSchema
+from kd_dagfm.storage import filesystem, join
+from kd_dagfm.train.engine import Engine, LocalEngine
+from kd_dagfm.train.trainer import EngineFactory, PhaseResult, PhaseTrainer, phase_directory
+
+logger = logging.getLogger(__name__)
+
+
+def prepare_dataset(config: RunConfig) -> tuple[str, FeatureSchema]:
+    """Return (dataset URL, schema); generates the synthetic dataset on first use.
+
+    The synthetic dataset is written once to
+    ``<output_dir>/data/synthetic-<rows>-<fields>-<vocab>-<seed>`` and reused.
+    """
+    data = config.data
+    if data.dataset != "synthetic":
+        return data.dataset, load_schema(data.dataset)
+    name = (
+        f"synthetic-{data.synthetic_rows}-{data.synthetic_fields}-"
+        f"{data.synthetic_vocab_size}-{config.train.seed}"
+    )
+    root = join(config.train.output_dir, "data", name)
+    fs, path = filesystem(root)
+    if not fs.exists(join(path, SCHEMA_FILE)):
+        logger.info("generating synthetic dataset %s", root)
+        schema, splits = generate_synthetic(
+            data.synthetic_rows, data.synthetic_fields, data.synthetic_vocab_size, config.train.seed
+        )
+        write_dataset(root, schema, splits, rows_per_shard=50_000, row_group_rows=8_192, overwrite=True)
+    return root, load_schema(root)
+
+
+def local_engine_factory(config: RunConfig) -> EngineFactory:
+    def make(model: KDDAGFM, phase: Phase) -> Engine:
+        return LocalEngine(model, config.train, phase, torch.device("cpu"))
+
+    return make
+
+
+def run_phase(
+    config: RunConfig, phase: Phase | None = None, make_engine: EngineFactory | None = None
+) -> PhaseResult:
+    """Run one phase (``config.train.phase`` unless given) in this process."""
+    dataset, schema = prepare_dataset(config)
+    phase = phase or config.train.phase
+    trainer = PhaseTrainer(config, phase, schema, dataset, make_engine or local_engine_factory(config))
+    return trainer.run()
+
+
+def run_pipeline(
+    config: RunConfig,
+    phases: Sequence[Phase] = PIPELINE,
+    make_engine: EngineFactory | None = None,
+) -> list[PhaseResult]:
+    """Run the phases in order; each later phase warm-starts from the one before.
+
+    ``warm_up`` in ``config`` applies to the first phase only; later phases
+    use the previous phase's directory under ``output_dir``.
+    """
+    dataset, schema = prepare_dataset(config)
+    make_engine = make_engine or local_engine_factory(config)
+    results: list[PhaseResult] = []
+    for index, phase in enumerate(phases):
+        phase_config = config
+        if index > 0:
+            phase_config = config.replace(warm_up=phase_directory(config, phases[index - 1]))
+        results.append(PhaseTrainer(phase_config, phase, schema, dataset, make_engine).run())
+    return results
+
+
+def format_results(results: Sequence[PhaseResult]) -> str:
+    """A plain-text table with one row per phase."""
+    header = (
+        "phase", "model", "tower params", "emb params", "FLOPs/ex",
+        "valid AUC", "valid logloss", "test AUC", "test logloss", "examples/s", "wall s",
+    )
+    rows = [
+        (
+            r.phase.value,
+            r.model_name,
+            f"{r.tower_parameters:,}",
+            f"{r.embedding_parameters:,}",
+            f"{r.flops_per_example:,.0f}",
+            f"{r.valid.auc:.4f}",
+            f"{r.valid.log_loss:.4f}",
+            f"{r.test.auc:.4f}",
+            f"{r.test.log_loss:.4f}",
+            f"{r.train_examples_per_s:,.0f}",
+            f"{r.wall_time_s:.1f}",
+        )
+        for r in results
+    ]
+    widths = [max(len(str(x)) for x in column) for column in zip(header, *rows)]
+    lines = [" | ".join(str(x).ljust(w) for x, w in zip(header, widths))]
+    lines.append("-+-".join("-" * w for w in widths))
+    lines += [" | ".join(str(x).ljust(w) for x, w in zip(row, widths)) for row in rows]
+    return "\n".join(lines)
+
+
+def default_threads() -> None:
+    """One intra-op thread unless OMP_NUM_THREADS says otherwise."""
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(1)

@@ -1,0 +1,450 @@
+"""The training loop of one phase: train, evaluate, checkpoint, stop early.
+
+A phase run is restartable: started again with the same ``output_dir`` it
+continues from its newest complete checkpoint (model, optimizer, reader
+cursor, early-stopping state), and a phase whose final checkpoint exists is
+not trained again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from kd_dagfm.config import RunConfig
+from kd_dagfm.data.batch import Batch
+from kd_dagfm.data.reader import ParquetSplit, ReaderState, SplitReader
+from kd_dagfm.errors import CheckpointError, ConfigError
+from kd_dagfm.flops import count_parameters, flops_per_example
+from kd_dagfm.model import KDDAGFM, evaluated_logits
+from kd_dagfm.objective import KDObjective
+from kd_dagfm.phases import Phase
+from kd_dagfm.schema import FeatureSchema
+from kd_dagfm.storage import join
+from kd_dagfm.train.checkpoint import (
+    CheckpointInfo,
+    CheckpointManager,
+    export_model_file,
+    load_model_weights,
+    load_state,
+    resolve_warm_up,
+)
+from kd_dagfm.train.engine import Engine
+from kd_dagfm.train.metrics import BinaryCTRMetrics, EvalResult
+
+logger = logging.getLogger(__name__)
+
+EngineFactory = Callable[[KDDAGFM, Phase], Engine]
+
+
+@dataclasses.dataclass(frozen=True)
+class PhaseResult:
+    """What one phase produced; one row of the results table."""
+
+    phase: Phase
+    model_name: str
+    tower_parameters: int
+    embedding_parameters: int
+    flops_per_example: float
+    valid: EvalResult
+    test: EvalResult
+    wall_time_s: float
+    train_examples_per_s: float
+    epochs: int
+    best_epoch: int
+    checkpoint: str
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["phase"] = self.phase.value
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PhaseResult:
+        values = dict(data)
+        values["phase"] = Phase.parse(values["phase"])
+        values["valid"] = EvalResult(**values["valid"])
+        values["test"] = EvalResult(**values["test"])
+        return cls(**values)
+
+
+def phase_directory(config: RunConfig, phase: Phase) -> str:
+    return join(config.train.output_dir, phase.value)
+
+
+def model_name(config: RunConfig, phase: Phase) -> str:
+    if phase is Phase.TEACHER_TRAINING:
+        return {"crossnet": "CrossNet", "cin": "CIN"}[config.model.teacher]
+    return f"DAGFM-{config.model.student_type}"
+
+
+def check_compatible(
+    meta: dict[str, Any], config: RunConfig, schema: FeatureSchema, source: str
+) -> None:
+    """Raise CheckpointError when a checkpoint's model or features differ from this run."""
+    saved_model = meta.get("config", {}).get("model", {})
+    current = config.to_dict()["model"]
+    differences = [
+        f"{key}={saved_model.get(key)!r} (this run: {value!r})"
+        for key, value in current.items()
+        if saved_model.get(key) != value
+    ]
+    if differences:
+        raise CheckpointError(
+            f"{source} was trained with a different model: " + ", ".join(differences)
+            + ". Use the same model settings as that run, or another checkpoint"
+        )
+    saved_schema = FeatureSchema.from_dict(meta.get("schema", {}), source=source)
+    difference = schema.describe_difference(saved_schema)
+    if difference:
+        raise CheckpointError(
+            f"{source} was trained on other features: {difference}. Train on the "
+            "dataset it was made with, or start that phase again on this dataset"
+        )
+
+
+class PhaseTrainer:
+    """Runs one phase on one rank.
+
+    Args:
+        config: the run; ``config.train.phase`` is ignored, ``phase`` counts.
+        phase: the phase to run.
+        schema: the dataset's features.
+        dataset: dataset directory or URL.
+        make_engine: places a model and builds its optimizers.
+    """
+
+    def __init__(
+        self,
+        config: RunConfig,
+        phase: Phase,
+        schema: FeatureSchema,
+        dataset: str,
+        make_engine: EngineFactory,
+    ) -> None:
+        self.config = config
+        self.phase = phase
+        self.schema = schema
+        self.dataset = dataset
+        self.make_engine = make_engine
+        self.directory = phase_directory(config, phase)
+        self.checkpoints = CheckpointManager(
+            join(self.directory, "checkpoints"), config.train.keep_last_checkpoints
+        )
+        self.objective = KDObjective(config.train.ctr_loss_weight, config.train.kd_loss_weight)
+
+    def run(self) -> PhaseResult:
+        started = time.perf_counter()
+        train = self.config.train
+        latest = self.checkpoints.latest()
+        if latest is not None and latest.kind == "final":
+            check_compatible(latest.meta, self.config, self.schema, f"checkpoint {latest.path}")
+            logger.info("%s already finished (%s); reusing its result", self.phase.value, latest.path)
+            return PhaseResult.from_dict(latest.meta["result"])
+
+        torch.manual_seed(train.seed)
+        model = KDDAGFM(self.schema, self.config.model)
+        self.engine = self.make_engine(model, self.phase)
+        self._log_model()
+        reader = self._reader("train", training=True)
+        state = TrainerState()
+        if latest is not None:
+            state = self._resume(latest, reader)
+        else:
+            self._warm_start()
+
+        state = self._train(reader, state)
+        return self._finish(state, reader, time.perf_counter() - started)
+
+    def _log_model(self) -> None:
+        model = self.engine.unwrapped
+        tower = model.teacher if self.phase is Phase.TEACHER_TRAINING else model.student
+        logger.info(
+            "%s: %s with %d tower parameters, %d embedding rows x %d; engine %s",
+            self.phase.value,
+            model_name(self.config, self.phase),
+            count_parameters(tower),
+            sum(f.num_embeddings for f in self.schema.sparse_features),
+            self.config.model.embedding_size,
+            self.engine.describe(),
+        )
+
+    def _reader(self, split: str, training: bool) -> SplitReader:
+        data = self.config.data
+        train = self.config.train
+        world = self.engine.world_size
+        batch_size = train.train_batch_size if training else train.eval_batch_size
+        if training and batch_size % world:
+            raise ConfigError(
+                f"train_batch_size {batch_size} is not divisible by {world} workers; "
+                f"use a multiple of {world} such as {batch_size - batch_size % world or world}"
+            )
+        return SplitReader(
+            ParquetSplit(self.dataset, split, self.schema),
+            batch_size=batch_size // world if training else batch_size,
+            rank=self.engine.rank,
+            world_size=world,
+            seed=train.seed,
+            shuffle=data.shuffle and training,
+            remainder=data.remainder if training else "keep",
+            bad_rows=data.bad_rows,
+            prefetch_batches=data.prefetch_batches,
+        )
+
+    def _warm_start(self) -> None:
+        warm_up = self.config.train.warm_up
+        previous = self.phase.previous
+        if previous is None:
+            if warm_up:
+                raise ConfigError(
+                    f"warm_up={warm_up!r} is set for teacher_training, which starts from "
+                    "scratch; remove warm_up (an interrupted run resumes by itself when "
+                    "started again with the same output_dir)"
+                )
+            return
+        if not warm_up:
+            raise ConfigError(
+                f"{self.phase.value} needs warm_up: the {previous.value} checkpoint it starts "
+                f"from, for example warm_up={join(self.config.train.output_dir, previous.value)}"
+            )
+        info = resolve_warm_up(warm_up, previous)
+        if info.phase != previous.value:
+            raise CheckpointError(
+                f"warm_up {info.path!r} is a {info.phase or 'unknown'}-phase checkpoint; "
+                f"{self.phase.value} starts from a {previous.value} checkpoint"
+            )
+        if info.kind not in ("final", ""):
+            logger.warning(
+                "warm_up %s is an unfinished %s checkpoint (kind %s), not the phase's final one",
+                info.path,
+                info.phase,
+                info.kind,
+            )
+        check_compatible(info.meta, self.config, self.schema, f"warm_up {info.path!r}")
+        load_model_weights(info, self.engine.model_state())
+        logger.info("%s: warm-started from %s", self.phase.value, info.path)
+
+    def _resume(self, latest: CheckpointInfo, reader: SplitReader) -> TrainerState:
+        check_compatible(latest.meta, self.config, self.schema, f"checkpoint {latest.path}")
+        load_state(
+            latest.path,
+            {"model": self.engine.model_state(), "optimizer": self.engine.optimizer_state()},
+        )
+        state = TrainerState.from_dict(latest.meta["trainer"])
+        cursors = latest.meta["trainer"]["reader"]
+        rank = self.engine.rank
+        cursor = cursors[rank] if rank < len(cursors) else cursors[0]
+        reader.load_state(ReaderState.from_dict(cursor))
+        logger.info(
+            "%s: resumed from %s at epoch %d, step %d",
+            self.phase.value,
+            latest.path,
+            reader.state().epoch,
+            state.step,
+        )
+        return state
+
+    def _train(self, reader: SplitReader, state: TrainerState) -> TrainerState:
+        train = self.config.train
+        model = self.engine.model
+        while reader.state().epoch < train.epochs and not state.stopped_early:
+            epoch = reader.state().epoch
+            model.train()
+            if self.phase is Phase.DISTILLATION:
+                self.engine.unwrapped.teacher.eval()
+            epoch_started = time.perf_counter()
+            for batch in self._progress(reader, epoch):
+                batch = batch.to(self.engine.device)
+                output = model(batch.sparse_features, batch.dense_features, self.phase)
+                loss, parts = self.objective(output, batch.labels, self.phase)
+                self.engine.optimize(loss)
+                state.step += 1
+                state.examples += len(batch) * self.engine.world_size
+                if train.log_every_steps and state.step % train.log_every_steps == 0:
+                    logger.info(
+                        "%s epoch %d step %d loss %.5f %s",
+                        self.phase.value,
+                        epoch,
+                        state.step,
+                        float(loss),
+                        " ".join(f"{k} {float(v):.5f}" for k, v in parts.items()),
+                    )
+                if train.checkpoint_every_steps and state.step % train.checkpoint_every_steps == 0:
+                    self._save(state, reader, kind="step")
+                if train.max_steps_per_epoch and reader.state().batches >= train.max_steps_per_epoch:
+                    break
+            if reader.state().epoch == epoch:
+                # max_steps_per_epoch ended the epoch early; move on explicitly.
+                reader.load_state(
+                    ReaderState(epoch=epoch + 1, seed=train.seed, world_size=self.engine.world_size)
+                )
+            state.train_time_s += time.perf_counter() - epoch_started
+
+            valid = self.evaluate("valid")
+            improved = valid.auc > state.best_valid_auc
+            if improved:
+                state.best_valid_auc = valid.auc
+                state.best_epoch = epoch
+                state.epochs_without_improvement = 0
+            else:
+                state.epochs_without_improvement += 1
+            logger.info(
+                "%s epoch %d: valid AUC %.4f log loss %.4f%s (%.0f examples/s)",
+                self.phase.value,
+                epoch,
+                valid.auc,
+                valid.log_loss,
+                " (best)" if improved else "",
+                state.examples / max(state.train_time_s, 1e-9),
+            )
+            patience = train.early_stopping_patience
+            if patience and state.epochs_without_improvement >= patience:
+                state.stopped_early = True
+                logger.info(
+                    "%s: no valid AUC gain for %d epochs, stopping", self.phase.value, patience
+                )
+            info = self._save(state, reader, kind="epoch", best_is_this=improved, valid=valid)
+            if improved:
+                state.best_seq = info.seq
+        return state
+
+    def _progress(self, reader: SplitReader, epoch: int) -> Iterable[Batch]:
+        batches: Iterator[Batch] = reader.epoch()
+        if self.engine.rank != 0 or not sys.stderr.isatty():
+            return batches
+        from tqdm import tqdm
+
+        return tqdm(batches, total=reader.batches_in_epoch(), desc=f"{self.phase.value} epoch {epoch}",
+                    leave=False, unit="batch")
+
+    def evaluate(self, split: str) -> EvalResult:
+        """AUC and log loss of the phase's evaluated model over the whole split."""
+        model = self.engine.model
+        model.eval()
+        metrics = BinaryCTRMetrics()
+        with torch.no_grad():
+            for batch in self._reader(split, training=False).epoch():
+                batch = batch.to(self.engine.device)
+                output = model(batch.sparse_features, batch.dense_features, self.phase)
+                metrics.update(evaluated_logits(output, self.phase), batch.labels)
+        return metrics.compute()
+
+    def _save(
+        self,
+        state: TrainerState,
+        reader: SplitReader,
+        kind: str,
+        best_is_this: bool = False,
+        valid: EvalResult | None = None,
+        result: PhaseResult | None = None,
+    ) -> CheckpointInfo:
+        cursors = [reader.state().to_dict()]
+        if dist.is_available() and dist.is_initialized():
+            gathered: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, cursors[0])
+            cursors = gathered
+        meta: dict[str, Any] = {
+            "kind": kind,
+            "phase": self.phase.value,
+            "config": self.config.to_dict(),
+            "schema": self.schema.to_dict(),
+            "world_size": self.engine.world_size,
+            "engine": self.engine.describe(),
+            "trainer": {**state.to_dict(), "reader": cursors},
+            "best": {
+                "seq": None if best_is_this else state.best_seq,
+                "valid_auc": state.to_dict()["best_valid_auc"],
+                "epoch": state.best_epoch,
+            },
+        }
+        if valid is not None:
+            meta["metrics"] = {"valid_auc": valid.auc, "valid_log_loss": valid.log_loss}
+        if result is not None:
+            meta["result"] = result.to_dict()
+        tensors: dict[str, Any] = {"model": self.engine.model_state()}
+        if kind != "final":
+            tensors["optimizer"] = self.engine.optimizer_state()
+        return self.checkpoints.save(tensors, meta)
+
+    def _finish(self, state: TrainerState, reader: SplitReader, wall_time_s: float) -> PhaseResult:
+        if state.best_seq is not None:
+            best = next((c for c in self.checkpoints.list() if c.seq == state.best_seq), None)
+            if best is None:
+                raise CheckpointError(
+                    f"best checkpoint ckpt-{state.best_seq:08d} of {self.phase.value} is missing "
+                    f"from {self.checkpoints.directory}; it may have been deleted by hand"
+                )
+            load_state(best.path, {"model": self.engine.model_state()})
+        valid = self.evaluate("valid")
+        test = self.evaluate("test")
+        model = self.engine.unwrapped
+        tower = model.teacher if self.phase is Phase.TEACHER_TRAINING else model.student
+        result = PhaseResult(
+            phase=self.phase,
+            model_name=model_name(self.config, self.phase),
+            tower_parameters=count_parameters(tower),
+            embedding_parameters=count_parameters(model.sparse_arch),
+            flops_per_example=flops_per_example(
+                tower, self.schema.num_fields, self.config.model.embedding_size
+            ),
+            valid=valid,
+            test=test,
+            wall_time_s=wall_time_s,
+            train_examples_per_s=state.examples / max(state.train_time_s, 1e-9),
+            epochs=state.epochs_run(self.config.train.epochs),
+            best_epoch=state.best_epoch,
+            checkpoint=self.directory,
+        )
+        info = self._save(state, reader, kind="final", result=result)
+        if self.engine.world_size == 1:
+            export_model_file(
+                join(self.directory, "model.pt"),
+                self.engine.model_state(),
+                {**info.meta, "kind": "final"},
+            )
+        logger.info(
+            "%s done: valid AUC %.4f, test AUC %.4f, test log loss %.4f, %s",
+            self.phase.value,
+            valid.auc,
+            test.auc,
+            test.log_loss,
+            info.path,
+        )
+        return result
+
+
+@dataclasses.dataclass
+class TrainerState:
+    """Loop counters saved in every checkpoint."""
+
+    step: int = 0
+    examples: int = 0
+    train_time_s: float = 0.0
+    best_valid_auc: float = float("-inf")
+    best_epoch: int = -1
+    best_seq: int | None = None
+    epochs_without_improvement: int = 0
+    stopped_early: bool = False
+
+    def epochs_run(self, limit: int) -> int:
+        return self.best_epoch + 1 + self.epochs_without_improvement if self.best_epoch >= 0 else limit
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        if data["best_valid_auc"] == float("-inf"):
+            data["best_valid_auc"] = None
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainerState:
+        values = {f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data}
+        if values.get("best_valid_auc") is None:
+            values["best_valid_auc"] = float("-inf")
+        return cls(**values)
