@@ -103,11 +103,14 @@ class TrainConfig:
         0.1, "distillation: weight of BCE(student logit, label) (RecBole alpha)"
     )
     kd_loss_weight: float = _field(
-        921.6, "distillation: weight of MSE(student logit, teacher logit) (RecBole beta)"
+        921.6,
+        "distillation: weight of MSE(student logit, teacher logit) (RecBole beta)",
     )
     seed: int = _field(2022, "seed for initialisation and data order")
     output_dir: str = _field("runs/default", "directory for checkpoints and results")
-    keep_last_checkpoints: int = _field(2, "checkpoints kept per phase (older are deleted)")
+    keep_last_checkpoints: int = _field(
+        2, "checkpoints kept per phase (older are deleted)"
+    )
     checkpoint_every_steps: int = _field(
         0, "also checkpoint every N steps inside an epoch (0: at epoch ends only)"
     )
@@ -118,17 +121,39 @@ class TrainConfig:
         object.__setattr__(self, "phase", Phase.parse(self.phase))
         if self.warm_up is not None and not str(self.warm_up).strip():
             object.__setattr__(self, "warm_up", None)
-        _check_choice("embedding_optimizer", self.embedding_optimizer, EMBEDDING_OPTIMIZERS)
-        for name in ("train_batch_size", "eval_batch_size", "epochs", "keep_last_checkpoints"):
+        _check_choice(
+            "embedding_optimizer", self.embedding_optimizer, EMBEDDING_OPTIMIZERS
+        )
+        for name in (
+            "train_batch_size",
+            "eval_batch_size",
+            "epochs",
+            "keep_last_checkpoints",
+        ):
             _check_positive(name, getattr(self, name))
-        for name in ("learning_rate", "weight_decay", "ctr_loss_weight", "kd_loss_weight"):
+        for name in (
+            "learning_rate",
+            "weight_decay",
+            "ctr_loss_weight",
+            "kd_loss_weight",
+        ):
             if not float(getattr(self, name)) >= 0.0:
-                raise ConfigError(f"invalid {name} {getattr(self, name)!r}: expected >= 0")
+                raise ConfigError(
+                    f"invalid {name} {getattr(self, name)!r}: expected >= 0"
+                )
         if not self.learning_rate > 0:
-            raise ConfigError(f"invalid learning_rate {self.learning_rate!r}: expected > 0")
-        for name in ("early_stopping_patience", "checkpoint_every_steps", "max_steps_per_epoch"):
+            raise ConfigError(
+                f"invalid learning_rate {self.learning_rate!r}: expected > 0"
+            )
+        for name in (
+            "early_stopping_patience",
+            "checkpoint_every_steps",
+            "max_steps_per_epoch",
+        ):
             if int(getattr(self, name)) < 0:
-                raise ConfigError(f"invalid {name} {getattr(self, name)!r}: expected >= 0")
+                raise ConfigError(
+                    f"invalid {name} {getattr(self, name)!r}: expected >= 0"
+                )
         if self.ctr_loss_weight == 0 and self.kd_loss_weight == 0:
             raise ConfigError(
                 "ctr_loss_weight and kd_loss_weight are both 0: distillation would "
@@ -155,13 +180,16 @@ class DataConfig:
         "full batches) or keep (a smaller last batch; single process only)",
     )
     bad_rows: str = _field(
-        "error", "rows with invalid labels or ids: error (stop) or skip (count and drop)"
+        "error",
+        "rows with invalid labels or ids: error (stop) or skip (count and drop)",
     )
     prefetch_batches: int = _field(4, "batches prepared ahead by a reader thread")
 
     def __post_init__(self) -> None:
         if not str(self.dataset).strip():
-            raise ConfigError("dataset is empty: give 'synthetic' or a dataset directory")
+            raise ConfigError(
+                "dataset is empty: give 'synthetic' or a dataset directory"
+            )
         for name in ("synthetic_rows", "synthetic_fields", "synthetic_vocab_size"):
             _check_positive(name, getattr(self, name))
         if self.synthetic_fields < 3:
@@ -191,15 +219,21 @@ class DistributedConfig:
     storage_path: str | None = _field(
         None, "Ray Train storage path (local or s3://); default: output_dir"
     )
-    max_failures: int = _field(2, "worker failures Ray Train restarts from a checkpoint")
+    max_failures: int = _field(
+        2, "worker failures Ray Train restarts from a checkpoint"
+    )
 
     def __post_init__(self) -> None:
         _check_positive("num_workers", self.num_workers)
         _check_positive("cpus_per_worker", self.cpus_per_worker)
         if self.gpus_per_worker < 0:
-            raise ConfigError(f"invalid gpus_per_worker {self.gpus_per_worker}: expected >= 0")
+            raise ConfigError(
+                f"invalid gpus_per_worker {self.gpus_per_worker}: expected >= 0"
+            )
         if self.max_failures < 0:
-            raise ConfigError(f"invalid max_failures {self.max_failures}: expected >= 0")
+            raise ConfigError(
+                f"invalid max_failures {self.max_failures}: expected >= 0"
+            )
         _check_choice("sharding", self.sharding, SHARDING_TYPES)
 
 
@@ -210,7 +244,9 @@ class RunConfig:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
-    distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
+    distributed: DistributedConfig = dataclasses.field(
+        default_factory=DistributedConfig
+    )
 
     def replace(self, **overrides: Any) -> RunConfig:
         """Return a copy with flat keys (or aliases) replaced."""
@@ -240,7 +276,9 @@ ALIASES: dict[str, str] = {
 
 # Flat key -> section; keys are unique across sections by construction.
 KEY_SECTIONS: dict[str, str] = {
-    f.name: section for section, cls in SECTIONS.items() for f in dataclasses.fields(cls)
+    f.name: section
+    for section, cls in SECTIONS.items()
+    for f in dataclasses.fields(cls)
 }
 
 
@@ -265,7 +303,9 @@ def build_config(data: Mapping[str, Any], base: RunConfig | None = None) -> RunC
                 f"unknown config key {key!r}; valid keys: {', '.join(valid_keys())}"
             )
         if canonical in updates[section] and canonical != key:
-            raise ConfigError(f"config sets {canonical!r} twice (once as alias {key!r})")
+            raise ConfigError(
+                f"config sets {canonical!r} twice (once as alias {key!r})"
+            )
         updates[section][canonical] = value
 
     sections: dict[str, Any] = {}
@@ -335,9 +375,11 @@ def _coerce_to(annotation: Any, value: Any) -> Any:
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
     if origin in (typing.Union, types.UnionType):
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-            if type(None) in args:
-                return None
+        is_null = value is None or (
+            isinstance(value, str) and value.lower() in ("none", "null")
+        )
+        if is_null and type(None) in args:
+            return None
         non_none = [a for a in args if a is not type(None)]
         return _coerce_to(non_none[0], value)
     if origin is tuple:
@@ -353,7 +395,9 @@ def _coerce_to(annotation: Any, value: Any) -> Any:
             return value.lower() in ("true", "1")
         raise TypeError(value)
     if annotation is int:
-        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+        if isinstance(value, bool) or (
+            isinstance(value, float) and not value.is_integer()
+        ):
             raise TypeError(value)
         if isinstance(value, str):
             value = value.replace("_", "")
@@ -396,7 +440,9 @@ def _check_positive(name: str, value: int) -> None:
         raise ConfigError(f"invalid {name} {value!r}: expected a positive integer")
 
 
-def config_from_yaml(path: str, overrides: Mapping[str, Any] | None = None) -> RunConfig:
+def config_from_yaml(
+    path: str, overrides: Mapping[str, Any] | None = None
+) -> RunConfig:
     """Load a YAML file (flat or nested keys) and apply ``overrides`` on top."""
     import yaml
 

@@ -17,7 +17,9 @@ from kd_dagfm.schema import FeatureSchema
 # Teacher factories: (model config, number of fields F) -> module mapping
 # E (B X F X D) to logits (B,). Keys are the accepted ``teacher`` values.
 TEACHERS: dict[str, Callable[[ModelConfig, int], nn.Module]] = {
-    "crossnet": lambda cfg, num_fields: CrossNet(num_fields, cfg.embedding_size, cfg.t_depth),
+    "crossnet": lambda cfg, num_fields: CrossNet(
+        num_fields, cfg.embedding_size, cfg.t_depth
+    ),
     "cin": lambda cfg, num_fields: CIN(num_fields, cfg.t_cin),
 }
 
@@ -96,6 +98,10 @@ class KDDAGFM(nn.Module):
 def evaluated_logits(output: ModelOutput, phase: Phase) -> torch.Tensor:
     """The logits a phase is evaluated on: the teacher's in teacher_training,
     the student's afterwards."""
-    logits = output.teacher_logits if phase is Phase.TEACHER_TRAINING else output.student_logits
+    logits = (
+        output.teacher_logits
+        if phase is Phase.TEACHER_TRAINING
+        else output.student_logits
+    )
     assert logits is not None, f"phase {phase.value} produced no logits to evaluate"
     return logits

@@ -10,6 +10,7 @@ import torch
 
 from kd_dagfm.config import RunConfig
 from kd_dagfm.data.reader import load_schema
+from kd_dagfm.data.recbole import convert_recbole
 from kd_dagfm.data.synthetic import generate_synthetic
 from kd_dagfm.data.writer import write_dataset
 from kd_dagfm.model import KDDAGFM
@@ -17,7 +18,12 @@ from kd_dagfm.phases import PIPELINE, Phase
 from kd_dagfm.schema import SCHEMA_FILE, FeatureSchema
 from kd_dagfm.storage import filesystem, join
 from kd_dagfm.train.engine import Engine, LocalEngine
-from kd_dagfm.train.trainer import EngineFactory, PhaseResult, PhaseTrainer, phase_directory
+from kd_dagfm.train.trainer import (
+    EngineFactory,
+    PhaseResult,
+    PhaseTrainer,
+    phase_directory,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +36,17 @@ def prepare_dataset(config: RunConfig) -> tuple[str, FeatureSchema]:
     """
     data = config.data
     if data.dataset != "synthetic":
-        return data.dataset, load_schema(data.dataset)
+        atomic = recbole_atomic_name(data.dataset)
+        if atomic is None:
+            return data.dataset, load_schema(data.dataset)
+        root = join(config.train.output_dir, "data", f"{atomic}-parquet")
+        fs, path = filesystem(root)
+        if not fs.exists(join(path, SCHEMA_FILE)):
+            logger.info(
+                "converting RecBole atomic files in %s to %s", data.dataset, root
+            )
+            convert_recbole(data.dataset, root, dataset_name=atomic, overwrite=True)
+        return root, load_schema(root)
     name = (
         f"synthetic-{data.synthetic_rows}-{data.synthetic_fields}-"
         f"{data.synthetic_vocab_size}-{config.train.seed}"
@@ -40,10 +56,31 @@ def prepare_dataset(config: RunConfig) -> tuple[str, FeatureSchema]:
     if not fs.exists(join(path, SCHEMA_FILE)):
         logger.info("generating synthetic dataset %s", root)
         schema, splits = generate_synthetic(
-            data.synthetic_rows, data.synthetic_fields, data.synthetic_vocab_size, config.train.seed
+            data.synthetic_rows,
+            data.synthetic_fields,
+            data.synthetic_vocab_size,
+            config.train.seed,
         )
-        write_dataset(root, schema, splits, rows_per_shard=50_000, row_group_rows=8_192, overwrite=True)
+        write_dataset(
+            root,
+            schema,
+            splits,
+            rows_per_shard=50_000,
+            row_group_rows=8_192,
+            overwrite=True,
+        )
     return root, load_schema(root)
+
+
+def recbole_atomic_name(directory: str) -> str | None:
+    """The dataset name when ``directory`` holds RecBole atomic files
+    (``<name>.inter``) rather than a Parquet dataset, else None."""
+    if "://" in directory or not os.path.isdir(directory):
+        return None
+    if os.path.exists(os.path.join(directory, SCHEMA_FILE)):
+        return None
+    names = [f[: -len(".inter")] for f in os.listdir(directory) if f.endswith(".inter")]
+    return names[0] if len(names) == 1 else None
 
 
 def local_engine_factory(config: RunConfig) -> EngineFactory:
@@ -54,12 +91,16 @@ def local_engine_factory(config: RunConfig) -> EngineFactory:
 
 
 def run_phase(
-    config: RunConfig, phase: Phase | None = None, make_engine: EngineFactory | None = None
+    config: RunConfig,
+    phase: Phase | None = None,
+    make_engine: EngineFactory | None = None,
 ) -> PhaseResult:
     """Run one phase (``config.train.phase`` unless given) in this process."""
     dataset, schema = prepare_dataset(config)
     phase = phase or config.train.phase
-    trainer = PhaseTrainer(config, phase, schema, dataset, make_engine or local_engine_factory(config))
+    trainer = PhaseTrainer(
+        config, phase, schema, dataset, make_engine or local_engine_factory(config)
+    )
     return trainer.run()
 
 
@@ -79,16 +120,29 @@ def run_pipeline(
     for index, phase in enumerate(phases):
         phase_config = config
         if index > 0:
-            phase_config = config.replace(warm_up=phase_directory(config, phases[index - 1]))
-        results.append(PhaseTrainer(phase_config, phase, schema, dataset, make_engine).run())
+            phase_config = config.replace(
+                warm_up=phase_directory(config, phases[index - 1])
+            )
+        results.append(
+            PhaseTrainer(phase_config, phase, schema, dataset, make_engine).run()
+        )
     return results
 
 
 def format_results(results: Sequence[PhaseResult]) -> str:
     """A plain-text table with one row per phase."""
     header = (
-        "phase", "model", "tower params", "emb params", "FLOPs/ex",
-        "valid AUC", "valid logloss", "test AUC", "test logloss", "examples/s", "wall s",
+        "phase",
+        "model",
+        "tower params",
+        "emb params",
+        "FLOPs/ex",
+        "valid AUC",
+        "valid logloss",
+        "test AUC",
+        "test logloss",
+        "examples/s",
+        "wall s",
     )
     rows = [
         (

@@ -124,7 +124,11 @@ class FeatureSchema:
             "version": SCHEMA_VERSION,
             "label": self.label,
             "features": [
-                {"name": f.name, "kind": f.kind.value, "num_embeddings": f.num_embeddings}
+                {
+                    "name": f.name,
+                    "kind": f.kind.value,
+                    "num_embeddings": f.num_embeddings,
+                }
                 for f in self.features
             ],
         }
@@ -138,7 +142,9 @@ class FeatureSchema:
         return hashlib.sha256(canonical).hexdigest()[:16]
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], source: str = "schema") -> FeatureSchema:
+    def from_dict(
+        cls, data: Mapping[str, Any], source: str = "schema"
+    ) -> FeatureSchema:
         try:
             version = int(data.get("version", SCHEMA_VERSION))
             if version != SCHEMA_VERSION:
@@ -168,7 +174,9 @@ class FeatureSchema:
         except json.JSONDecodeError as e:
             raise SchemaError(f"{source}: invalid JSON ({e})") from None
         if not isinstance(data, dict):
-            raise SchemaError(f"{source}: expected a JSON object, got {type(data).__name__}")
+            raise SchemaError(
+                f"{source}: expected a JSON object, got {type(data).__name__}"
+            )
         return cls.from_dict(data, source)
 
     def describe_difference(self, other: FeatureSchema) -> str | None:
@@ -204,7 +212,10 @@ def _parse_kind(value: object, source: str) -> FeatureKind:
 
 
 def make_schema(
-    label: str, sparse: Mapping[str, int], lists: Iterable[str] = (), dense: Iterable[str] = ()
+    label: str,
+    sparse: Mapping[str, int],
+    lists: Iterable[str] = (),
+    dense: Iterable[str] = (),
 ) -> FeatureSchema:
     """Build a schema from ``{name: num_embeddings}`` plus the list and dense names."""
     list_names = set(lists)

@@ -18,7 +18,9 @@ def is_remote(url: str) -> bool:
     return "://" in url and not url.startswith("file://")
 
 
-def filesystem(url: str, **storage_options: Any) -> tuple[fsspec.AbstractFileSystem, str]:
+def filesystem(
+    url: str, **storage_options: Any
+) -> tuple[fsspec.AbstractFileSystem, str]:
     """Return (filesystem, path within it) for a local path or URL."""
     if is_remote(url) and url.startswith(("s3://", "s3a://")):
         storage_options = {**s3_options(), **storage_options}

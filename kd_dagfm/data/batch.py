@@ -32,8 +32,12 @@ class Batch:
 
     def to(self, device: torch.device, non_blocking: bool = False) -> Batch:
         return Batch(
-            sparse_features=self.sparse_features.to(device=device, non_blocking=non_blocking),
-            dense_features=self.dense_features.to(device=device, non_blocking=non_blocking),
+            sparse_features=self.sparse_features.to(
+                device=device, non_blocking=non_blocking
+            ),
+            dense_features=self.dense_features.to(
+                device=device, non_blocking=non_blocking
+            ),
             labels=self.labels.to(device=device, non_blocking=non_blocking),
         )
 
@@ -66,18 +70,26 @@ def table_to_batch(table: pa.Table, schema: FeatureSchema) -> Batch:
             values.append(ids)
             lengths.append(row_lengths)
         else:
-            values.append(np.asarray(column.to_numpy(zero_copy_only=False), dtype=np.int64))
+            values.append(
+                np.asarray(column.to_numpy(zero_copy_only=False), dtype=np.int64)
+            )
             lengths.append(np.ones(num_rows, dtype=np.int32))
 
     sparse = KeyedJaggedTensor(
         keys=[f.name for f in schema.sparse_features],
-        values=torch.from_numpy(np.concatenate(values) if values else np.zeros(0, np.int64)),
-        lengths=torch.from_numpy(np.concatenate(lengths) if lengths else np.zeros(0, np.int32)),
+        values=torch.from_numpy(
+            np.concatenate(values) if values else np.zeros(0, np.int64)
+        ),
+        lengths=torch.from_numpy(
+            np.concatenate(lengths) if lengths else np.zeros(0, np.int32)
+        ),
         stride=num_rows,
     )
 
     dense_columns = [
-        np.asarray(table.column(f.name).to_numpy(zero_copy_only=False), dtype=np.float32)
+        np.asarray(
+            table.column(f.name).to_numpy(zero_copy_only=False), dtype=np.float32
+        )
         for f in schema.dense_features
     ]
     dense = (
@@ -85,7 +97,9 @@ def table_to_batch(table: pa.Table, schema: FeatureSchema) -> Batch:
         if dense_columns
         else np.zeros((num_rows, 0), dtype=np.float32)
     )
-    labels = np.asarray(table.column(schema.label).to_numpy(zero_copy_only=False), np.float32)
+    labels = np.asarray(
+        table.column(schema.label).to_numpy(zero_copy_only=False), np.float32
+    )
     return Batch(sparse, torch.from_numpy(dense), torch.from_numpy(labels))
 
 

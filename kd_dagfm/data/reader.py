@@ -89,7 +89,9 @@ class ReaderState:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ReaderState:
-        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
+        return cls(
+            **{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data}
+        )
 
 
 class ParquetSplit:
@@ -108,7 +110,11 @@ class ParquetSplit:
         self.fs, root = filesystem(dataset)
         self.directory = join(root, split)
         try:
-            shards = sorted(p for p in self.fs.ls(self.directory, detail=False) if p.endswith(".parquet"))
+            shards = sorted(
+                p
+                for p in self.fs.ls(self.directory, detail=False)
+                if p.endswith(".parquet")
+            )
         except FileNotFoundError:
             shards = []
         if not shards:
@@ -147,7 +153,11 @@ class ParquetSplit:
         """All row groups in the order of ``epoch``."""
         order = list(range(len(self.shards)))
         if shuffle:
-            order = np.random.default_rng([seed, epoch]).permutation(len(self.shards)).tolist()
+            order = (
+                np.random.default_rng([seed, epoch])
+                .permutation(len(self.shards))
+                .tolist()
+            )
         rank = {self.shards[i]: position for position, i in enumerate(order)}
         return sorted(self.units, key=lambda u: (rank[u.shard], u.row_group))
 
@@ -162,7 +172,9 @@ class ParquetSplit:
         """Full batches every rank yields in ``epoch`` under the drop policy
         (before rows that validation skips)."""
         units = self.epoch_units(epoch, seed, shuffle)
-        rows = [sum(u.num_rows for u in units[r::world_size]) for r in range(world_size)]
+        rows = [
+            sum(u.num_rows for u in units[r::world_size]) for r in range(world_size)
+        ]
         return min(rows) // batch_size
 
     def read_unit(self, unit: RowGroupUnit, bad_rows: str) -> tuple[pa.Table, int]:
@@ -246,7 +258,9 @@ class SplitReader:
                 self.world_size,
                 state.epoch + 1,
             )
-            state = ReaderState(epoch=state.epoch + 1, seed=state.seed, world_size=self.world_size)
+            state = ReaderState(
+                epoch=state.epoch + 1, seed=state.seed, world_size=self.world_size
+            )
         elif state.unit > 0 or state.row > 0:
             units = self._units(state.epoch)
             if state.unit < len(units):
@@ -304,16 +318,22 @@ class SplitReader:
                 if pending_rows == self.batch_size:
                     batches += 1
                     next_unit, next_row = (
-                        (unit_index + 1, 0) if row >= table.num_rows else (unit_index, row)
+                        (unit_index + 1, 0)
+                        if row >= table.num_rows
+                        else (unit_index, row)
                     )
-                    yield self._batch(pending), self._cursor(
-                        start, units, next_unit, next_row, batches
+                    yield (
+                        self._batch(pending),
+                        self._cursor(start, units, next_unit, next_row, batches),
                     )
                     pending, pending_rows = [], 0
             unit_index, row = unit_index + 1, 0
         if pending_rows and self.remainder == "keep":
             batches += 1
-            yield self._batch(pending), self._cursor(start, units, len(units), 0, batches)
+            yield (
+                self._batch(pending),
+                self._cursor(start, units, len(units), 0, batches),
+            )
 
     def _read_permuted(self, unit: RowGroupUnit, epoch: int) -> pa.Table:
         table, skipped = self.split.read_unit(unit, self.bad_rows)
@@ -328,7 +348,9 @@ class SplitReader:
             )
         if self.shuffle and table.num_rows > 1:
             shard_index = self.split.shards.index(unit.shard)
-            rng = np.random.default_rng([self._state.seed, epoch, shard_index, unit.row_group])
+            rng = np.random.default_rng(
+                [self._state.seed, epoch, shard_index, unit.row_group]
+            )
             table = table.take(rng.permutation(table.num_rows))
         return table
 
@@ -337,7 +359,12 @@ class SplitReader:
         return table_to_batch(table, self.split.schema)
 
     def _cursor(
-        self, start: ReaderState, units: list[RowGroupUnit], unit: int, row: int, batches: int
+        self,
+        start: ReaderState,
+        units: list[RowGroupUnit],
+        unit: int,
+        row: int,
+        batches: int,
     ) -> ReaderState:
         shard, row_group = ("", -1)
         if unit < len(units):

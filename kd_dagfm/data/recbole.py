@@ -24,7 +24,15 @@ from kd_dagfm.schema import Feature, FeatureKind, FeatureSchema
 
 logger = logging.getLogger(__name__)
 
-ML100K_FIELDS = ("user_id", "item_id", "age", "gender", "occupation", "release_year", "class")
+ML100K_FIELDS = (
+    "user_id",
+    "item_id",
+    "age",
+    "gender",
+    "occupation",
+    "release_year",
+    "class",
+)
 PADDING_ID = 0
 
 
@@ -68,7 +76,9 @@ class Vocabulary:
 
     def lookup(self, tokens: pa.Array) -> np.ndarray:
         index = pc.index_in(tokens, value_set=self.tokens)
-        return np.asarray(index.fill_null(-1).to_numpy(zero_copy_only=False), np.int64) + 1
+        return (
+            np.asarray(index.fill_null(-1).to_numpy(zero_copy_only=False), np.int64) + 1
+        )
 
 
 def convert_recbole(
@@ -113,8 +123,12 @@ def convert_recbole(
             f"(available: {sorted(known)})"
         )
 
-    ratings = np.asarray(pc.cast(inter.column(label_field), pa.float64()).to_numpy(), np.float64)
-    columns: dict[str, pa.Array] = {"label": pa.array((ratings >= label_threshold).astype(np.int8))}
+    ratings = np.asarray(
+        pc.cast(inter.column(label_field), pa.float64()).to_numpy(), np.float64
+    )
+    columns: dict[str, pa.Array] = {
+        "label": pa.array((ratings >= label_threshold).astype(np.int8))
+    }
     features: list[Feature] = []
     for field in fields:
         kind = known[field]
@@ -123,7 +137,9 @@ def convert_recbole(
         else:
             key, side, _ = next(s for s in sides if field in s[2])
             side_keys = side.column(key).combine_chunks()
-            position = pc.index_in(inter.column(key).combine_chunks(), value_set=side_keys)
+            position = pc.index_in(
+                inter.column(key).combine_chunks(), value_set=side_keys
+            )
             values = side.column(field).combine_chunks().take(position)
             values = values.fill_null("")
         if isinstance(values, pa.ChunkedArray):
@@ -165,6 +181,8 @@ def convert_recbole(
         "valid": table.slice(train_end, valid_end - train_end),
         "test": table.slice(valid_end),
     }
-    rows = write_dataset(output, schema, splits, rows_per_shard, row_group_rows, overwrite)
+    rows = write_dataset(
+        output, schema, splits, rows_per_shard, row_group_rows, overwrite
+    )
     logger.info("converted %s to %s: %s", data_dir, output, rows)
     return schema, rows

@@ -37,7 +37,9 @@ def generate_synthetic(
     for _ in range(NUM_CROSSES):
         a, b, c = rng.choice(num_fields, size=3, replace=False)
         factors = rng.normal(0.0, 1.0, size=(3, vocab_size, CROSS_RANK))
-        cross = (factors[0][ids[:, a]] * factors[1][ids[:, b]] * factors[2][ids[:, c]]).sum(1)
+        cross = (
+            factors[0][ids[:, a]] * factors[1][ids[:, b]] * factors[2][ids[:, c]]
+        ).sum(1)
         logits += 0.8 * cross
     labels = (rng.random(rows) < 1.0 / (1.0 + np.exp(-logits))).astype(np.int8)
 

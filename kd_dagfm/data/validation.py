@@ -89,14 +89,25 @@ def validate_table(
     for feature in schema.features:
         column = table.column(feature.name).combine_chunks()
         if feature.kind is FeatureKind.SPARSE:
-            null = np.asarray(column.is_null().to_numpy(zero_copy_only=False), dtype=bool)
-            ids = np.asarray(column.fill_null(0).to_numpy(zero_copy_only=False), dtype=np.int64)
+            null = np.asarray(
+                column.is_null().to_numpy(zero_copy_only=False), dtype=bool
+            )
+            ids = np.asarray(
+                column.fill_null(0).to_numpy(zero_copy_only=False), dtype=np.int64
+            )
             mask = null | (ids < 0) | (ids >= feature.num_embeddings)
-            flag(mask, feature.name, np.where(null, -1, ids), _id_range(feature.num_embeddings))
+            flag(
+                mask,
+                feature.name,
+                np.where(null, -1, ids),
+                _id_range(feature.num_embeddings),
+            )
         elif feature.kind is FeatureKind.SPARSE_LIST:
             values = column.flatten()
             parents = np.asarray(pc.list_parent_indices(column), dtype=np.int64)
-            ids = np.asarray(values.fill_null(-1).to_numpy(zero_copy_only=False), np.int64)
+            ids = np.asarray(
+                values.fill_null(-1).to_numpy(zero_copy_only=False), np.int64
+            )
             bad_value = (ids < 0) | (ids >= feature.num_embeddings)
             mask = np.zeros(num_rows, dtype=bool)
             mask[parents[bad_value]] = True
@@ -104,16 +115,26 @@ def validate_table(
             row_first_id[parents[bad_value][::-1]] = ids[bad_value][::-1]
             flag(mask, feature.name, row_first_id, _id_range(feature.num_embeddings))
         else:
-            null = np.asarray(column.is_null().to_numpy(zero_copy_only=False), dtype=bool)
-            dense = np.asarray(column.fill_null(0).to_numpy(zero_copy_only=False), np.float64)
-            flag(null | ~np.isfinite(dense), feature.name, np.where(null, np.nan, dense),
-                 "a finite number")
+            null = np.asarray(
+                column.is_null().to_numpy(zero_copy_only=False), dtype=bool
+            )
+            dense = np.asarray(
+                column.fill_null(0).to_numpy(zero_copy_only=False), np.float64
+            )
+            flag(
+                null | ~np.isfinite(dense),
+                feature.name,
+                np.where(null, np.nan, dense),
+                "a finite number",
+            )
 
     if not bad.any():
         return table, 0
     if bad_rows == "error":
         raise DataError(
-            f"{source}: " + "; ".join(problems) + ". Fix the data, or set bad_rows=skip "
+            f"{source}: "
+            + "; ".join(problems)
+            + ". Fix the data, or set bad_rows=skip "
             "to drop and count such rows"
         )
     return table.filter(pa.array(~bad)), int(bad.sum())

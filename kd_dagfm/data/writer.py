@@ -97,7 +97,9 @@ class DatasetWriter:
     def write(self, split: str, table: pa.Table) -> None:
         """Append ``table`` (columns named as in the schema) to ``split``."""
         if split not in SPLITS:
-            raise DataError(f"invalid split {split!r}: expected one of {', '.join(SPLITS)}")
+            raise DataError(
+                f"invalid split {split!r}: expected one of {', '.join(SPLITS)}"
+            )
         table = self._conform(table)
         self._pending[split].append(table)
         self._pending_rows[split] += table.num_rows
@@ -133,11 +135,15 @@ class DatasetWriter:
     def _conform(self, table: pa.Table) -> pa.Table:
         missing = [n for n in self.arrow_schema.names if n not in table.column_names]
         if missing:
-            raise DataError(f"table to write lacks columns {missing} declared in the schema")
+            raise DataError(
+                f"table to write lacks columns {missing} declared in the schema"
+            )
         try:
             return table.select(self.arrow_schema.names).cast(self.arrow_schema)
         except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
-            raise DataError(f"table does not match the schema's column types: {e}") from None
+            raise DataError(
+                f"table does not match the schema's column types: {e}"
+            ) from None
 
     def _flush_row_group(self, split: str, rows: int) -> None:
         table = pa.concat_tables(self._pending[split]).combine_chunks()
@@ -183,7 +189,9 @@ def write_dataset(
 ) -> dict[str, int]:
     """Write whole tables per split; returns rows written per split."""
     items = splits.items() if isinstance(splits, dict) else splits
-    with DatasetWriter(root, schema, rows_per_shard, row_group_rows, overwrite) as writer:
+    with DatasetWriter(
+        root, schema, rows_per_shard, row_group_rows, overwrite
+    ) as writer:
         for split, table in items:
             writer.write(split, table)
     return writer.rows_written

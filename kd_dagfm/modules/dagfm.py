@@ -35,10 +35,16 @@ class DAGFM(nn.Module):
         logits = student(torch.randn(32, 7, 16))  # (32,)
     """
 
-    def __init__(self, num_fields: int, embedding_dim: int, depth: int, interaction: str) -> None:
+    edge_mask: torch.Tensor
+
+    def __init__(
+        self, num_fields: int, embedding_dim: int, depth: int, interaction: str
+    ) -> None:
         super().__init__()
         if interaction not in ("inner", "outer"):
-            raise ValueError(f"invalid interaction {interaction!r}: expected inner or outer")
+            raise ValueError(
+                f"invalid interaction {interaction!r}: expected inner or outer"
+            )
         self.interaction = interaction
         self.depth = depth
         self.field_mixing = nn.Parameter(torch.eye(num_fields))  # C: (F, F)
@@ -47,7 +53,9 @@ class DAGFM(nn.Module):
         self.q = nn.Parameter(torch.empty(shape)) if interaction == "outer" else None
         # Edge f -> s exists when f <= s: upper triangle, diagonal included.
         self.register_buffer(
-            "edge_mask", torch.ones(num_fields, num_fields).triu().unsqueeze(-1), persistent=False
+            "edge_mask",
+            torch.ones(num_fields, num_fields).triu().unsqueeze(-1),
+            persistent=False,
         )  # (F, F, 1)
         self.readout = nn.Linear(num_fields * (depth + 1), 1)
         self.reset_parameters()

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
+from torchrec import (
+    EmbeddingBagCollection,
+    EmbeddingBagConfig,
+    KeyedJaggedTensor,
+    PoolingType,
+)
 
 from kd_dagfm.schema import FeatureSchema
 
@@ -14,7 +19,9 @@ def table_name(feature: str) -> str:
     return f"t_{feature}"
 
 
-def embedding_bag_configs(schema: FeatureSchema, embedding_dim: int) -> list[EmbeddingBagConfig]:
+def embedding_bag_configs(
+    schema: FeatureSchema, embedding_dim: int
+) -> list[EmbeddingBagConfig]:
     """One sum-pooled table per sparse feature, so list features (genres) pool."""
     return [
         EmbeddingBagConfig(
@@ -61,7 +68,9 @@ class SparseArch(nn.Module):
         nn.init.xavier_normal_(self.dense_embedding)
 
     def forward(
-        self, sparse_features: KeyedJaggedTensor, dense_features: torch.Tensor | None = None
+        self,
+        sparse_features: KeyedJaggedTensor,
+        dense_features: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """
         Args:
@@ -76,7 +85,11 @@ class SparseArch(nn.Module):
         fields = [pooled[name] for name in self.sparse_names]
         embeddings = torch.stack(fields, dim=1)  # (B, F_sparse, D)
         if self.num_dense:
-            assert dense_features is not None, "schema has dense features but none given"
-            dense = dense_features.unsqueeze(-1) * self.dense_embedding  # (B, F_dense, D)
+            assert dense_features is not None, (
+                "schema has dense features but none given"
+            )
+            dense = (
+                dense_features.unsqueeze(-1) * self.dense_embedding
+            )  # (B, F_dense, D)
             embeddings = torch.cat([embeddings, dense], dim=1)
         return embeddings

@@ -82,7 +82,9 @@ def read_meta(path: str) -> dict[str, Any]:
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {path!r} has no {META_FILE}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"checkpoint {path!r}: {META_FILE} is unreadable ({e})") from None
+        raise CheckpointError(
+            f"checkpoint {path!r}: {META_FILE} is unreadable ({e})"
+        ) from None
     if meta.get("format") != FORMAT:
         raise CheckpointError(
             f"{path!r} is not a kd-dagfm checkpoint (format {meta.get('format')!r})"
@@ -148,7 +150,9 @@ class CheckpointManager:
 
     def _next_seq(self) -> int:
         try:
-            names = self.fs.ls(self.root, detail=False) if self.fs.exists(self.root) else []
+            names = (
+                self.fs.ls(self.root, detail=False) if self.fs.exists(self.root) else []
+            )
         except FileNotFoundError:
             names = []
         seqs = [
@@ -181,7 +185,12 @@ class CheckpointManager:
                 "previous checkpoints are unchanged. Check free space, permissions and "
                 "that the store is reachable"
             ) from None
-        full_meta = {**meta, "format": FORMAT, "format_version": FORMAT_VERSION, "seq": seq}
+        full_meta = {
+            **meta,
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "seq": seq,
+        }
         full_meta["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         _barrier()
         if _rank() == 0:
@@ -276,7 +285,9 @@ def resolve_warm_up(path: str, expected_phase: Phase) -> CheckpointInfo:
                 "the same folder, or the phase directory to pick the newest complete one"
             )
         seq_match = _NAME.match(path.rstrip("/").rsplit("/", 1)[-1])
-        return CheckpointInfo(path, int(seq_match.group(1)) if seq_match else 0, read_meta(path))
+        return CheckpointInfo(
+            path, int(seq_match.group(1)) if seq_match else 0, read_meta(path)
+        )
     for candidate in (
         path,
         join(path, "checkpoints"),
@@ -292,7 +303,9 @@ def resolve_warm_up(path: str, expected_phase: Phase) -> CheckpointInfo:
     )
 
 
-def export_model_file(path: str, model_state: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+def export_model_file(
+    path: str, model_state: dict[str, torch.Tensor], meta: dict[str, Any]
+) -> None:
     """Write a single-file copy of a model for serving and inspection.
 
     The file holds only tensors and JSON-compatible values, so
@@ -300,7 +313,14 @@ def export_model_file(path: str, model_state: dict[str, torch.Tensor], meta: dic
     """
     fs, local = filesystem(path)
     with fs.open(local, "wb") as f:
-        torch.save({"format": FORMAT, "meta": json.loads(json.dumps(meta)), "model": model_state}, f)
+        torch.save(
+            {
+                "format": FORMAT,
+                "meta": json.loads(json.dumps(meta)),
+                "model": model_state,
+            },
+            f,
+        )
 
 
 def read_model_file(path: str) -> dict[str, Any]:
@@ -314,7 +334,11 @@ def read_model_file(path: str) -> dict[str, Any]:
             f"warm_up file {path!r} is unreadable ({type(e).__name__}: {e}); expected a "
             "model.pt written by kd-dagfm, or a checkpoint directory"
         ) from None
-    if not isinstance(data, dict) or data.get("format") != FORMAT or "model" not in data:
+    if (
+        not isinstance(data, dict)
+        or data.get("format") != FORMAT
+        or "model" not in data
+    ):
         raise CheckpointError(
             f"warm_up file {path!r} is not a kd-dagfm model file; expected the "
             "model.pt that a phase writes into its output directory"
@@ -329,7 +353,9 @@ def load_model_weights(info: CheckpointInfo, model_state: dict[str, Any]) -> Non
         saved = read_model_file(info.path)["model"]
         missing = sorted(set(model_state) - set(saved))
         if missing:
-            raise CheckpointError(f"warm_up file {info.path!r} lacks weights {missing[:5]}")
+            raise CheckpointError(
+                f"warm_up file {info.path!r} lacks weights {missing[:5]}"
+            )
         for key, tensor in model_state.items():
             if saved[key].shape != tensor.shape:
                 raise CheckpointError(

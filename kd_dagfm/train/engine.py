@@ -55,7 +55,8 @@ def split_parameters(
     """
     trainable = {id(p) for m in model.trainable_modules(phase) for p in m.parameters()}
     tables = {id(p) for p in model.sparse_arch.embedding_bag_collection.parameters()}
-    embedding, dense = [], []
+    embedding: list[nn.Parameter] = []
+    dense: list[nn.Parameter] = []
     for parameter in model.parameters():
         parameter.requires_grad_(id(parameter) in trainable)
         if id(parameter) not in trainable:
@@ -78,17 +79,23 @@ class LocalEngine:
     def __init__(
         self, model: KDDAGFM, config: TrainConfig, phase: Phase, device: torch.device
     ) -> None:
-        self.model = model.to(device)
+        self.model: nn.Module = model.to(device)
         self.device = device
         embedding, dense = split_parameters(model, phase)
         embedding_lr = config.embedding_learning_rate or config.learning_rate
         self.optimizers: list[torch.optim.Optimizer] = []
         if dense:
             self.optimizers.append(
-                torch.optim.Adam(dense, lr=config.learning_rate, weight_decay=config.weight_decay)
+                torch.optim.Adam(
+                    dense, lr=config.learning_rate, weight_decay=config.weight_decay
+                )
             )
         if embedding:
-            self.optimizers.append(_embedding_optimizer(config.embedding_optimizer, embedding, embedding_lr))
+            self.optimizers.append(
+                _embedding_optimizer(
+                    config.embedding_optimizer, embedding, embedding_lr
+                )
+            )
         self._options = StateDictOptions(flatten_optimizer_state_dict=True)
 
     @property
@@ -109,10 +116,14 @@ class LocalEngine:
     def optimizer_state(self) -> dict[str, Any]:
         # get_optimizer_state_dict also materialises lazily created state
         # (Adam's moments before the first step), so a load finds every key.
-        return get_optimizer_state_dict(self.model, self.optimizers, options=self._options)
+        return get_optimizer_state_dict(
+            self.model, self.optimizers, options=self._options
+        )
 
     def load_optimizer_state(self, state: dict[str, Any]) -> None:
-        set_optimizer_state_dict(self.model, self.optimizers, state, options=self._options)
+        set_optimizer_state_dict(
+            self.model, self.optimizers, state, options=self._options
+        )
 
     def describe(self) -> dict[str, Any]:
         return {"engine": "local", "device": str(self.device), "world_size": 1}

@@ -98,7 +98,8 @@ def check_compatible(
     ]
     if differences:
         raise CheckpointError(
-            f"{source} was trained with a different model: " + ", ".join(differences)
+            f"{source} was trained with a different model: "
+            + ", ".join(differences)
             + ". Use the same model settings as that run, or another checkpoint"
         )
     saved_schema = FeatureSchema.from_dict(meta.get("schema", {}), source=source)
@@ -138,15 +139,23 @@ class PhaseTrainer:
         self.checkpoints = CheckpointManager(
             join(self.directory, "checkpoints"), config.train.keep_last_checkpoints
         )
-        self.objective = KDObjective(config.train.ctr_loss_weight, config.train.kd_loss_weight)
+        self.objective = KDObjective(
+            config.train.ctr_loss_weight, config.train.kd_loss_weight
+        )
 
     def run(self) -> PhaseResult:
         started = time.perf_counter()
         train = self.config.train
         latest = self.checkpoints.latest()
         if latest is not None and latest.kind == "final":
-            check_compatible(latest.meta, self.config, self.schema, f"checkpoint {latest.path}")
-            logger.info("%s already finished (%s); reusing its result", self.phase.value, latest.path)
+            check_compatible(
+                latest.meta, self.config, self.schema, f"checkpoint {latest.path}"
+            )
+            logger.info(
+                "%s already finished (%s); reusing its result",
+                self.phase.value,
+                latest.path,
+            )
             return PhaseResult.from_dict(latest.meta["result"])
 
         torch.manual_seed(train.seed)
@@ -232,10 +241,15 @@ class PhaseTrainer:
         logger.info("%s: warm-started from %s", self.phase.value, info.path)
 
     def _resume(self, latest: CheckpointInfo, reader: SplitReader) -> TrainerState:
-        check_compatible(latest.meta, self.config, self.schema, f"checkpoint {latest.path}")
+        check_compatible(
+            latest.meta, self.config, self.schema, f"checkpoint {latest.path}"
+        )
         load_state(
             latest.path,
-            {"model": self.engine.model_state(), "optimizer": self.engine.optimizer_state()},
+            {
+                "model": self.engine.model_state(),
+                "optimizer": self.engine.optimizer_state(),
+            },
         )
         state = TrainerState.from_dict(latest.meta["trainer"])
         cursors = latest.meta["trainer"]["reader"]
@@ -276,14 +290,24 @@ class PhaseTrainer:
                         float(loss),
                         " ".join(f"{k} {float(v):.5f}" for k, v in parts.items()),
                     )
-                if train.checkpoint_every_steps and state.step % train.checkpoint_every_steps == 0:
+                if (
+                    train.checkpoint_every_steps
+                    and state.step % train.checkpoint_every_steps == 0
+                ):
                     self._save(state, reader, kind="step")
-                if train.max_steps_per_epoch and reader.state().batches >= train.max_steps_per_epoch:
+                if (
+                    train.max_steps_per_epoch
+                    and reader.state().batches >= train.max_steps_per_epoch
+                ):
                     break
             if reader.state().epoch == epoch:
                 # max_steps_per_epoch ended the epoch early; move on explicitly.
                 reader.load_state(
-                    ReaderState(epoch=epoch + 1, seed=train.seed, world_size=self.engine.world_size)
+                    ReaderState(
+                        epoch=epoch + 1,
+                        seed=train.seed,
+                        world_size=self.engine.world_size,
+                    )
                 )
             state.train_time_s += time.perf_counter() - epoch_started
 
@@ -308,9 +332,13 @@ class PhaseTrainer:
             if patience and state.epochs_without_improvement >= patience:
                 state.stopped_early = True
                 logger.info(
-                    "%s: no valid AUC gain for %d epochs, stopping", self.phase.value, patience
+                    "%s: no valid AUC gain for %d epochs, stopping",
+                    self.phase.value,
+                    patience,
                 )
-            info = self._save(state, reader, kind="epoch", best_is_this=improved, valid=valid)
+            info = self._save(
+                state, reader, kind="epoch", best_is_this=improved, valid=valid
+            )
             if improved:
                 state.best_seq = info.seq
         return state
@@ -321,8 +349,13 @@ class PhaseTrainer:
             return batches
         from tqdm import tqdm
 
-        return tqdm(batches, total=reader.batches_in_epoch(), desc=f"{self.phase.value} epoch {epoch}",
-                    leave=False, unit="batch")
+        return tqdm(
+            batches,
+            total=reader.batches_in_epoch(),
+            desc=f"{self.phase.value} epoch {epoch}",
+            leave=False,
+            unit="batch",
+        )
 
     def evaluate(self, split: str) -> EvalResult:
         """AUC and log loss of the phase's evaluated model over the whole split."""
@@ -373,9 +406,13 @@ class PhaseTrainer:
             tensors["optimizer"] = self.engine.optimizer_state()
         return self.checkpoints.save(tensors, meta)
 
-    def _finish(self, state: TrainerState, reader: SplitReader, wall_time_s: float) -> PhaseResult:
+    def _finish(
+        self, state: TrainerState, reader: SplitReader, wall_time_s: float
+    ) -> PhaseResult:
         if state.best_seq is not None:
-            best = next((c for c in self.checkpoints.list() if c.seq == state.best_seq), None)
+            best = next(
+                (c for c in self.checkpoints.list() if c.seq == state.best_seq), None
+            )
             if best is None:
                 raise CheckpointError(
                     f"best checkpoint ckpt-{state.best_seq:08d} of {self.phase.value} is missing "
@@ -434,7 +471,11 @@ class TrainerState:
     stopped_early: bool = False
 
     def epochs_run(self, limit: int) -> int:
-        return self.best_epoch + 1 + self.epochs_without_improvement if self.best_epoch >= 0 else limit
+        return (
+            self.best_epoch + 1 + self.epochs_without_improvement
+            if self.best_epoch >= 0
+            else limit
+        )
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -444,7 +485,9 @@ class TrainerState:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainerState:
-        values = {f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data}
+        values = {
+            f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data
+        }
         if values.get("best_valid_auc") is None:
             values["best_valid_auc"] = float("-inf")
         return cls(**values)

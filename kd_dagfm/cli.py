@@ -1,0 +1,205 @@
+"""The ``kd-dagfm`` command line.
+
+Every config key is also a flag (``--epochs 5``, ``--teacher cin``,
+``--alpha 0.1``); ``--config FILE`` loads a YAML file first and
+``--set key=value`` sets any key. Later sources win: defaults, then the
+embedded ``configs/default.yaml`` (only when no ``--config``), then the
+file, then flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from importlib import resources
+from typing import Any
+
+import yaml
+
+from kd_dagfm.config import ALIASES, SECTIONS, RunConfig, config_from_yaml
+from kd_dagfm.errors import KDDAGFMError
+
+logger = logging.getLogger("kd_dagfm")
+
+
+def default_config_path() -> str:
+    return str(resources.files("kd_dagfm") / "configs" / "default.yaml")
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML config file (flat or nested keys)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="set any config key",
+    )
+    for section, cls in SECTIONS.items():
+        group = parser.add_argument_group(f"{section} config")
+        for field in dataclasses.fields(cls):
+            group.add_argument(
+                f"--{field.name}",
+                dest=f"cfg__{field.name}",
+                default=None,
+                metavar="VALUE",
+                help=field.metadata.get("help", ""),
+            )
+    aliases = parser.add_argument_group("RecBole aliases")
+    for alias, target in ALIASES.items():
+        aliases.add_argument(
+            f"--{alias}",
+            dest=f"cfg__{alias}",
+            default=None,
+            metavar="VALUE",
+            help=f"same as --{target}",
+        )
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    """Build the run config from ``--config``, flags and ``--set`` (in that order)."""
+    overrides: dict[str, Any] = {}
+    for key, value in vars(args).items():
+        if key.startswith("cfg__") and value is not None:
+            overrides[key[len("cfg__") :]] = _parse_value(value)
+    for item in args.set:
+        if "=" not in item:
+            raise KDDAGFMError(
+                f"--set {item!r}: expected KEY=VALUE, for example --set epochs=5"
+            )
+        key, value = item.split("=", 1)
+        overrides[key.strip()] = _parse_value(value)
+    path = args.config or default_config_path()
+    return config_from_yaml(path, overrides)
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # fbgemm logs one INFO line per loaded library.
+    logging.getLogger().handlers[0].addFilter(
+        lambda r: r.name != "root" or r.levelno > logging.INFO
+    )
+
+
+def cmd_pipeline(args: argparse.Namespace) -> int:
+    from kd_dagfm.pipeline import default_threads, format_results, run_pipeline
+
+    default_threads()
+    config = config_from_args(args)
+    logger.info("config: %s", json.dumps(config.to_dict(), sort_keys=True))
+    results = run_pipeline(config)
+    table = format_results(results)
+    write_results(config, results, table)
+    print(table)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from kd_dagfm.pipeline import default_threads, format_results, run_phase
+
+    default_threads()
+    config = config_from_args(args)
+    result = run_phase(config)
+    print(format_results([result]))
+    return 0
+
+
+def write_results(config: RunConfig, results: Sequence[Any], table: str) -> None:
+    from kd_dagfm.storage import filesystem, join
+
+    fs, root = filesystem(config.train.output_dir)
+    fs.makedirs(root, exist_ok=True)
+    with fs.open(join(root, "results.json"), "w") as f:
+        json.dump([r.to_dict() for r in results], f, indent=2)
+    with fs.open(join(root, "results.txt"), "w") as f:
+        f.write(table + "\n")
+    logger.info("results written to %s", join(config.train.output_dir, "results.json"))
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    if args.format == "recbole":
+        from kd_dagfm.data.recbole import convert_recbole
+
+        schema, rows = convert_recbole(
+            args.input, args.output, seed=args.seed, overwrite=args.overwrite
+        )
+        print(
+            json.dumps(
+                {
+                    "output": args.output,
+                    "rows": rows,
+                    "fields": list(schema.field_names),
+                }
+            )
+        )
+        return 0
+    raise KDDAGFMError(f"unknown format {args.format!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kd-dagfm", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    pipeline = commands.add_parser(
+        "pipeline",
+        help="run teacher_training, distillation and finetuning, print a table",
+    )
+    _add_config_flags(pipeline)
+    pipeline.set_defaults(func=cmd_pipeline)
+
+    train = commands.add_parser("train", help="run the one phase named by --phase")
+    _add_config_flags(train)
+    train.set_defaults(func=cmd_train)
+
+    convert = commands.add_parser(
+        "convert", help="convert raw data to a Parquet dataset"
+    )
+    convert.add_argument("format", choices=["recbole"], help="input format")
+    convert.add_argument("--input", required=True, help="input directory or file")
+    convert.add_argument(
+        "--output", required=True, help="dataset directory or URL to write"
+    )
+    convert.add_argument(
+        "--seed", type=int, default=2020, help="seed of the random split"
+    )
+    convert.add_argument(
+        "--overwrite", action="store_true", help="replace an existing dataset"
+    )
+    convert.set_defaults(func=cmd_convert)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    try:
+        return int(args.func(args))
+    except KDDAGFMError as e:
+        logger.error("%s", e)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
