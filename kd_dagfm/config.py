@@ -65,6 +65,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "teacher", str(self.teacher).lower())
         object.__setattr__(self, "student_type", str(self.student_type).lower())
+        object.__setattr__(self, "t_cin", tuple(int(h) for h in self.t_cin))
         _check_choice("teacher", self.teacher, TEACHERS)
         _check_choice("student_type", self.student_type, STUDENT_TYPES)
         _check_positive("embedding_size", self.embedding_size)
@@ -295,6 +296,7 @@ def build_config(data: Mapping[str, Any], base: RunConfig | None = None) -> RunC
     """
     base = base or RunConfig()
     updates: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
+    sources: dict[str, str] = {}
     for key, value in _flatten(data):
         canonical = ALIASES.get(key, key)
         section = KEY_SECTIONS.get(canonical)
@@ -302,10 +304,12 @@ def build_config(data: Mapping[str, Any], base: RunConfig | None = None) -> RunC
             raise ConfigError(
                 f"unknown config key {key!r}; valid keys: {', '.join(valid_keys())}"
             )
-        if canonical in updates[section] and canonical != key:
+        if sources.get(canonical, key) != key:
             raise ConfigError(
-                f"config sets {canonical!r} twice (once as alias {key!r})"
+                f"config sets {canonical!r} twice, as {sources[canonical]!r} and "
+                f"{key!r}; keep one of them"
             )
+        sources[canonical] = key
         updates[section][canonical] = value
 
     sections: dict[str, Any] = {}

@@ -61,11 +61,15 @@ class SparseArch(nn.Module):
             tables=embedding_bag_configs(schema, embedding_dim),
             device=torch.device(device) if device is not None else None,
         )
-        # RecBole's float-field embedding: E_dense[b, j] = x[b, j] * v_j.
-        self.dense_embedding = nn.Parameter(
-            torch.empty(self.num_dense, embedding_dim, device=device)
-        )
-        nn.init.xavier_normal_(self.dense_embedding)
+        # RecBole's float-field embedding: E_dense[b, j] = x[b, j] * v_j. No
+        # parameter without dense features: an unused parameter never gets
+        # optimizer state, which would break checkpoint loading.
+        self.dense_embedding: nn.Parameter | None = None
+        if self.num_dense:
+            self.dense_embedding = nn.Parameter(
+                torch.empty(self.num_dense, embedding_dim, device=device)
+            )
+            nn.init.xavier_normal_(self.dense_embedding)
 
     def forward(
         self,
