@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -108,11 +108,14 @@ def run_pipeline(
     config: RunConfig,
     phases: Sequence[Phase] = PIPELINE,
     make_engine: EngineFactory | None = None,
+    on_phase_end: Callable[[PhaseResult], None] | None = None,
 ) -> list[PhaseResult]:
     """Run the phases in order; each later phase warm-starts from the one before.
 
     ``warm_up`` in ``config`` applies to the first phase only; later phases
-    use the previous phase's directory under ``output_dir``.
+    use the previous phase's directory under ``output_dir``. ``on_phase_end``
+    is called with each phase's result as soon as that phase finishes (the
+    Ray runner reports it to Ray Train).
     """
     dataset, schema = prepare_dataset(config)
     make_engine = make_engine or local_engine_factory(config)
@@ -126,6 +129,8 @@ def run_pipeline(
         results.append(
             PhaseTrainer(phase_config, phase, schema, dataset, make_engine).run()
         )
+        if on_phase_end is not None:
+            on_phase_end(results[-1])
     return results
 
 
