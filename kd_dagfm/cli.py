@@ -90,6 +90,9 @@ def _setup_logging(verbose: bool) -> None:
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
+        # Importing fbgemm logs through the root logger, which installs a
+        # default handler before this runs.
+        force=True,
     )
     # fbgemm logs one INFO line per loaded library.
     logging.getLogger().handlers[0].addFilter(

@@ -57,12 +57,16 @@ class CheckpointInfo:
         return str(self.meta.get("phase", ""))
 
 
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
 def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    return dist.get_rank() if _distributed() else 0
 
 
 def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if _distributed():
         dist.barrier()
 
 
@@ -176,7 +180,9 @@ class CheckpointManager:
         path = join(self.directory, f"ckpt-{seq:08d}")
         started = time.perf_counter()
         try:
-            dcp.save(state, storage_writer=_storage_writer(path))
+            dcp.save(
+                state, storage_writer=_storage_writer(path), no_dist=not _distributed()
+            )
         except BaseException as e:  # CheckpointException is a BaseException
             if isinstance(e, (KeyboardInterrupt, SystemExit)):
                 raise
@@ -243,7 +249,9 @@ class CheckpointManager:
 def load_state(path: str, state: dict[str, Any]) -> None:
     """Load a DCP checkpoint in place into ``state`` (a subset of what was saved)."""
     try:
-        dcp.load(state, storage_reader=_storage_reader(path))
+        dcp.load(
+            state, storage_reader=_storage_reader(path), no_dist=not _distributed()
+        )
     except BaseException as e:  # CheckpointException is a BaseException
         if isinstance(e, (KeyboardInterrupt, SystemExit)):
             raise

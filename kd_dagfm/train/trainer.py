@@ -287,7 +287,7 @@ class PhaseTrainer:
                         self.phase.value,
                         epoch,
                         state.step,
-                        float(loss),
+                        loss.item(),
                         " ".join(f"{k} {float(v):.5f}" for k, v in parts.items()),
                     )
                 if (
