@@ -23,6 +23,7 @@ distillation loss by ``beta``. kd-dagfm follows the code.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -44,6 +45,18 @@ SHARDING_TYPES = (
 )
 REMAINDER_POLICIES = ("drop", "keep")
 BAD_ROW_POLICIES = ("error", "skip")
+JOB_ENTRYPOINTS = ("pipeline", "teacher_training", "distillation", "finetuning")
+IMAGE_PULL_POLICIES = ("Always", "IfNotPresent", "Never")
+TAINT_EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute")
+# Kubernetes name and label syntax (RFC 1123 / RFC 1035 labels, label values).
+_DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_DNS1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+_DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+_LABEL_NAME = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
+# KubeRay derives longer names from the job name (the RayCluster gets a
+# 5-character suffix, its head Service "-head-svc", worker pods a group name and
+# another suffix); 40 characters keeps every derived name within 63.
+MAX_JOB_NAME_LENGTH = 40
 
 
 def _field(default: Any, help: str, **kwargs: Any) -> Any:
@@ -239,8 +252,210 @@ class DistributedConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DeployConfig:
+    """Kubernetes deployment options, read by ``kd-dagfm render-k8s`` only.
+
+    Workers, CPUs and GPUs per worker come from the distributed section, the
+    dataset and checkpoint location from the data and train sections, so one
+    config drives both the run and its manifests.
+    """
+
+    image: str = _field(
+        "kd-dagfm:0.1.0-cpu", "container image (registry/name:tag) of every pod"
+    )
+    image_pull_policy: str = _field(
+        "IfNotPresent", "image pull policy: " + ", ".join(IMAGE_PULL_POLICIES)
+    )
+    image_pull_secret: str | None = _field(
+        None, "Secret of type docker-registry for a private registry"
+    )
+    namespace: str = _field("default", "Kubernetes namespace of every object")
+    job_name: str = _field(
+        "kd-dagfm",
+        f"name of the RayJob, RayCluster and Job (at most {MAX_JOB_NAME_LENGTH} "
+        "characters, lowercase letters, digits and '-')",
+    )
+    job_entrypoint: str = _field(
+        "pipeline",
+        "what the job runs: " + ", ".join(JOB_ENTRYPOINTS) + " (module jobs.<name>)",
+    )
+    service_account: str | None = _field(
+        None, "ServiceAccount of the pods (for example one bound to an IAM role)"
+    )
+    s3_secret: str | None = _field(
+        None,
+        "Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (optional: "
+        "AWS_SESSION_TOKEN, AWS_DEFAULT_REGION, AWS_ENDPOINT_URL) for s3:// URLs",
+    )
+    node_selector: tuple[str, ...] = _field(
+        (), "node labels every pod requires, as key=value (a list or comma-separated)"
+    )
+    tolerations: tuple[str, ...] = _field(
+        (),
+        "taints every pod tolerates, as kubectl writes them: key=value:Effect, "
+        "key:Effect, key=value or key (a list or comma-separated)",
+    )
+    gpu_resource: str = _field(
+        "nvidia.com/gpu", "extended resource name of a GPU on the nodes"
+    )
+    embedding_rows: int = _field(
+        0,
+        "total embedding rows for memory sizing (0: sum of num_embeddings in the "
+        "dataset's schema.json)",
+    )
+    memory_headroom: float = _field(
+        1.25, "factor on the estimated worker memory (>= 1)"
+    )
+    worker_memory_gib: float = _field(
+        0.0, "memory request of a worker pod in GiB (0: estimate from the model)"
+    )
+    head_cpus: int = _field(2, "CPUs of the Ray head pod (it runs no training worker)")
+    head_memory_gib: float = _field(4.0, "memory of the Ray head pod in GiB")
+    object_store_gib: float = _field(
+        1.0, "Ray object store per pod in GiB (training data does not pass through it)"
+    )
+    rendezvous_port: int = _field(
+        29500, "MASTER_PORT of the indexed Job's rank 0 (torch.distributed TCPStore)"
+    )
+    backoff_limit: int = _field(
+        3,
+        "whole-job retries after a failure; each resumes from the newest complete "
+        "checkpoint (the indexed Job gets backoff_limit x num_workers, since one "
+        "lost rank fails every rank)",
+    )
+    active_deadline_s: int = _field(
+        0, "seconds after which Kubernetes stops the job (0: no deadline)"
+    )
+    ttl_after_finished_s: int = _field(
+        86400, "seconds a finished job and its pods are kept for inspection"
+    )
+
+    def __post_init__(self) -> None:
+        if not self.image.strip() or any(c.isspace() for c in self.image):
+            raise ConfigError(
+                f"invalid image {self.image!r}: expected registry/name:tag without "
+                "spaces, for example ghcr.io/acme/kd-dagfm:0.1.0-gpu"
+            )
+        _check_choice("image_pull_policy", self.image_pull_policy, IMAGE_PULL_POLICIES)
+        _check_choice("job_entrypoint", self.job_entrypoint, JOB_ENTRYPOINTS)
+        _check_name("namespace", self.namespace, _DNS1123_LABEL, 63)
+        _check_name("job_name", self.job_name, _DNS1035_LABEL, MAX_JOB_NAME_LENGTH)
+        for name in ("image_pull_secret", "service_account", "s3_secret"):
+            value = getattr(self, name)
+            if value is not None:
+                _check_name(name, value, _DNS1123_SUBDOMAIN, 253)
+        parse_node_selector(self.node_selector)
+        parse_tolerations(self.tolerations)
+        if "/" not in self.gpu_resource:
+            raise ConfigError(
+                f"invalid gpu_resource {self.gpu_resource!r}: expected an extended "
+                "resource name such as nvidia.com/gpu or amd.com/gpu"
+            )
+        for name in (
+            "embedding_rows",
+            "backoff_limit",
+            "active_deadline_s",
+            "ttl_after_finished_s",
+        ):
+            if int(getattr(self, name)) < 0:
+                raise ConfigError(
+                    f"invalid {name} {getattr(self, name)!r}: expected >= 0"
+                )
+        if not self.memory_headroom >= 1.0:
+            raise ConfigError(
+                f"invalid memory_headroom {self.memory_headroom!r}: expected >= 1.0 "
+                "(1.25 requests a quarter more than the estimate)"
+            )
+        if not self.worker_memory_gib >= 0.0:
+            raise ConfigError(
+                f"invalid worker_memory_gib {self.worker_memory_gib!r}: expected "
+                ">= 0 (0 sizes workers from the model)"
+            )
+        for name in ("head_memory_gib", "object_store_gib"):
+            if not float(getattr(self, name)) > 0.0:
+                raise ConfigError(
+                    f"invalid {name} {getattr(self, name)!r}: expected > 0"
+                )
+        _check_positive("head_cpus", self.head_cpus)
+        if not 1 <= self.rendezvous_port <= 65535:
+            raise ConfigError(
+                f"invalid rendezvous_port {self.rendezvous_port}: expected 1-65535"
+            )
+
+
+def parse_node_selector(entries: tuple[str, ...]) -> dict[str, str]:
+    """Parse ``key=value`` node labels into a nodeSelector mapping."""
+    selector: dict[str, str] = {}
+    for entry in entries:
+        key, sep, value = entry.strip().partition("=")
+        if not sep or not _is_label_key(key) or not _is_label_value(value):
+            raise ConfigError(
+                f"invalid node_selector entry {entry!r}: expected key=value with a "
+                "Kubernetes label key and value, for example "
+                "cloud.google.com/gke-accelerator=nvidia-h100-80gb"
+            )
+        selector[key] = value
+    return selector
+
+
+def parse_tolerations(entries: tuple[str, ...]) -> list[dict[str, str]]:
+    """Parse taints in kubectl syntax into pod tolerations.
+
+    ``key=value:Effect`` tolerates that taint (operator Equal), ``key:Effect``
+    any value of the key (operator Exists); without ``:Effect`` every effect
+    is tolerated.
+    """
+    tolerations: list[dict[str, str]] = []
+    for entry in entries:
+        text, _, effect = entry.strip().partition(":")
+        key, has_value, value = text.partition("=")
+        valid = (
+            _is_label_key(key)
+            and (not has_value or _is_label_value(value))
+            and (not effect or effect in TAINT_EFFECTS)
+        )
+        if not valid:
+            raise ConfigError(
+                f"invalid toleration {entry!r}: expected key=value:Effect, "
+                f"key:Effect, key=value or key, with Effect one of "
+                f"{', '.join(TAINT_EFFECTS)}; for example nvidia.com/gpu:NoSchedule"
+            )
+        toleration = {"key": key, "operator": "Equal" if has_value else "Exists"}
+        if has_value:
+            toleration["value"] = value
+        if effect:
+            toleration["effect"] = effect
+        tolerations.append(toleration)
+    return tolerations
+
+
+def _is_label_key(key: str) -> bool:
+    prefix, slash, name = key.rpartition("/")
+    if slash and (len(prefix) > 253 or not _DNS1123_SUBDOMAIN.match(prefix)):
+        return False
+    return len(name) <= 63 and bool(_LABEL_NAME.match(name))
+
+
+def _is_label_value(value: str) -> bool:
+    return value == "" or (len(value) <= 63 and bool(_LABEL_NAME.match(value)))
+
+
+def _check_name(name: str, value: str, pattern: re.Pattern[str], limit: int) -> None:
+    if len(value) > limit or not pattern.match(value):
+        allowed = {
+            _DNS1035_LABEL: "lowercase letters, digits and '-', starting with a letter",
+            _DNS1123_LABEL: "lowercase letters, digits and '-'",
+            _DNS1123_SUBDOMAIN: "lowercase letters, digits, '-' and '.'",
+        }[pattern]
+        raise ConfigError(
+            f"invalid {name} {value!r}: expected at most {limit} characters of "
+            f"{allowed}, ending with a letter or digit, for example kd-dagfm"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
-    """A whole run: model, training, data and distribution."""
+    """A whole run: model, training, data, distribution and deployment."""
 
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
@@ -248,6 +463,7 @@ class RunConfig:
     distributed: DistributedConfig = dataclasses.field(
         default_factory=DistributedConfig
     )
+    deploy: DeployConfig = dataclasses.field(default_factory=DeployConfig)
 
     def replace(self, **overrides: Any) -> RunConfig:
         """Return a copy with flat keys (or aliases) replaced."""
@@ -266,6 +482,7 @@ SECTIONS: dict[str, type] = {
     "train": TrainConfig,
     "data": DataConfig,
     "distributed": DistributedConfig,
+    "deploy": DeployConfig,
 }
 
 ALIASES: dict[str, str] = {
