@@ -33,7 +33,6 @@ from kd_dagfm.distributed.planning import (
     host_memory_bytes,
     plan_sharding,
 )
-
 from kd_dagfm.distributed.process_group import local_world_size, rank_device
 from kd_dagfm.errors import CheckpointError, ConfigError
 from kd_dagfm.model import KDDAGFM
