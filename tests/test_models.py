@@ -200,3 +200,22 @@ def test_list_feature_is_sum_pooled() -> None:
     table = model.sparse_arch.embedding_bag_collection.embedding_bags["t_g"].weight
     torch.testing.assert_close(e[0, 2], table[0] + table[1])  # genres [0, 1]
     torch.testing.assert_close(e[1, 2], torch.zeros(4))  # no genres
+
+
+def test_dense_feature_is_scaled_vector() -> None:
+    schema = make_schema("label", {"a": 3}, dense=["price"])
+    torch.manual_seed(0)
+    model = KDDAGFM(schema, ModelConfig(embedding_size=4, depth=1, t_depth=1))
+    features = KeyedJaggedTensor.from_lengths_sync(
+        keys=["a"], values=torch.tensor([0, 2]), lengths=torch.tensor([1, 1])
+    )
+    dense = torch.tensor([[2.0], [-0.5]])
+    e = model.sparse_arch(features, dense)
+    assert e.shape == (2, 2, 4)
+    vector = model.sparse_arch.dense_embedding
+    assert vector is not None
+    torch.testing.assert_close(e[:, 1], dense * vector[0])
+    model(features, dense, Phase.TEACHER_TRAINING).teacher_logits.sum().backward()
+    assert vector.grad is not None and vector.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="dense features but none were given"):
+        model.sparse_arch(features, None)

@@ -88,10 +88,9 @@ class SparseArch(nn.Module):
         # Index by name: a sharded collection may return keys in another order.
         fields = [pooled[name] for name in self.sparse_names]
         embeddings = torch.stack(fields, dim=1)  # (B, F_sparse, D)
-        if self.num_dense:
-            assert dense_features is not None, (
-                "schema has dense features but none given"
-            )
+        if self.dense_embedding is not None:
+            if dense_features is None:
+                raise ValueError("the schema has dense features but none were given")
             dense = (
                 dense_features.unsqueeze(-1) * self.dense_embedding
             )  # (B, F_dense, D)
