@@ -73,7 +73,7 @@ def prepare_dataset(config: RunConfig) -> tuple[str, FeatureSchema]:
 
 
 def recbole_atomic_name(directory: str) -> str | None:
-    """The dataset name when ``directory`` holds RecBole atomic files
+    """The dataset name when ``directory`` contains RecBole atomic files
     (``<name>.inter``) rather than a Parquet dataset, else None."""
     if "://" in directory or not os.path.isdir(directory):
         return None
@@ -135,7 +135,7 @@ def run_pipeline(
 
 
 def format_results(results: Sequence[PhaseResult]) -> str:
-    """A plain-text table with one row per phase."""
+    """Format the results as a plain-text table with one row per phase."""
     header = (
         "phase",
         "model",
@@ -173,6 +173,6 @@ def format_results(results: Sequence[PhaseResult]) -> str:
 
 
 def default_threads() -> None:
-    """One intra-op thread unless OMP_NUM_THREADS says otherwise."""
+    """Use one intra-op thread unless OMP_NUM_THREADS is set."""
     if "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(1)

@@ -159,5 +159,5 @@ def test_unreadable_model_file(teacher_run: RunConfig, tmp_path: Path) -> None:
 def test_directory_without_checkpoints(teacher_run: RunConfig, tmp_path: Path) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(CheckpointError, match="holds no complete checkpoint"):
+    with pytest.raises(CheckpointError, match="contains no complete checkpoint"):
         distill(teacher_run, tmp_path / "out", warm_up=str(empty))

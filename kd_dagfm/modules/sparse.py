@@ -22,7 +22,7 @@ def table_name(feature: str) -> str:
 def embedding_bag_configs(
     schema: FeatureSchema, embedding_dim: int
 ) -> list[EmbeddingBagConfig]:
-    """One sum-pooled table per sparse feature, so list features (genres) pool."""
+    """Build one sum-pooled table per sparse feature, so list features (genres) pool."""
     return [
         EmbeddingBagConfig(
             name=table_name(f.name),

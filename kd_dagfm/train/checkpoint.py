@@ -10,7 +10,7 @@ A phase writes numbered checkpoints under ``<output_dir>/<phase>/checkpoints``::
 A checkpoint without ``COMPLETE`` is invisible: a crash while saving leaves
 the previous checkpoints untouched and usable. Rotation keeps the newest
 ``keep_last`` checkpoints plus the best one. The last checkpoint of a
-finished phase has ``kind == "final"`` and holds the best weights.
+finished phase has ``kind == "final"`` and contains the best weights.
 """
 
 from __future__ import annotations
@@ -305,7 +305,7 @@ def resolve_warm_up(path: str, expected_phase: Phase) -> CheckpointInfo:
         if latest is not None:
             return latest
     raise CheckpointError(
-        f"warm_up {path!r} holds no complete checkpoint (looked in it, in "
+        f"warm_up {path!r} contains no complete checkpoint (looked in it, in "
         f"checkpoints/ and in {expected_phase.value}/checkpoints/); the run that "
         "should have written it may have failed before its first checkpoint"
     )

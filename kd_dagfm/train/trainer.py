@@ -46,7 +46,7 @@ EngineFactory = Callable[[KDDAGFM, Phase], Engine]
 
 @dataclasses.dataclass(frozen=True)
 class PhaseResult:
-    """What one phase produced; one row of the results table."""
+    """Outcome of one phase, shown as one row of the results table."""
 
     phase: Phase
     model_name: str
