@@ -155,6 +155,21 @@ def cmd_convert(args: argparse.Namespace) -> int:
     raise KDDAGFMError(f"unknown format {args.format!r}")
 
 
+def cmd_render_k8s(args: argparse.Namespace) -> int:
+    from cluster.k8s.command import render_k8s
+
+    config = config_from_args(args)
+    report = render_k8s(
+        config,
+        out_dir=args.out,
+        schema_path=args.schema,
+        validate=args.validate,
+        crd_paths=args.kuberay_crd,
+    )
+    print(report)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kd-dagfm", description=__doc__.split("\n\n")[0]
@@ -188,6 +203,34 @@ def build_parser() -> argparse.ArgumentParser:
         "--overwrite", action="store_true", help="replace an existing dataset"
     )
     convert.set_defaults(func=cmd_convert)
+
+    render_k8s = commands.add_parser(
+        "render-k8s",
+        help="write Kubernetes manifests (RayJob, RayCluster, indexed Job) for a run",
+    )
+    _add_config_flags(render_k8s)
+    render_k8s.add_argument(
+        "--out", required=True, help="directory to write the manifests to"
+    )
+    render_k8s.add_argument(
+        "--schema",
+        help="local copy of the dataset's schema.json, for memory sizing when "
+        "the dataset URL is not readable from here (default: read it from --dataset)",
+    )
+    render_k8s.add_argument(
+        "--validate",
+        action="store_true",
+        help="validate the manifests offline (needs requirements-dev.txt)",
+    )
+    render_k8s.add_argument(
+        "--kuberay-crd",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="also validate against a KubeRay CRD from your cluster "
+        "(kubectl get crd rayjobs.ray.io -o yaml > FILE); repeatable",
+    )
+    render_k8s.set_defaults(func=cmd_render_k8s)
     return parser
 
 

@@ -32,8 +32,11 @@ from typing import Any
 from kd_dagfm.errors import ConfigError
 from kd_dagfm.phases import Phase
 
-TEACHERS = ("crossnet", "cin")
+TEACHERS = ("crossnet", "cin", "dcnv2", "xdeepfm", "autoint")
+# dagfm: KD-DAGFM's student; dagfm_plus: KD-DAGFM+'s (DAGFM states and an MLP).
+STUDENTS = ("dagfm", "dagfm_plus")
 STUDENT_TYPES = ("inner", "outer")
+DCN_STRUCTURES = ("parallel", "stacked", "stacked_parallel")
 EMBEDDING_OPTIMIZERS = ("adam", "adagrad", "rowwise_adagrad", "sgd")
 SHARDING_TYPES = (
     "auto",
@@ -73,14 +76,68 @@ class ModelConfig:
     embedding_size: int = _field(16, "embedding dimension D shared by all fields")
     depth: int = _field(3, "DAGFM student layers L")
     t_depth: int = _field(3, "CrossNet teacher cross layers")
-    t_cin: tuple[int, ...] = _field((200, 200, 200), "CIN teacher layer sizes")
+    t_cin: tuple[int, ...] = _field(
+        (200, 200, 200), "CIN layer sizes of the cin and xdeepfm teachers"
+    )
+    student: str = _field(
+        "dagfm",
+        "student model: dagfm (KD-DAGFM) or dagfm_plus (KD-DAGFM+: the DAGFM "
+        "layer states summed and read out by an MLP)",
+    )
+    student_mlp: tuple[int, ...] = _field(
+        (400, 400, 400), "dagfm_plus: hidden sizes of the student's MLP"
+    )
+    t_mlp: tuple[int, ...] = _field(
+        (400, 400, 400),
+        "hidden sizes of the DNN of the dcnv2, xdeepfm and autoint teachers",
+    )
+    t_dcn_structure: str = _field(
+        "parallel",
+        "dcnv2: how the cross network and the DNN combine: parallel (both read "
+        "E, outputs concatenated), stacked (DNN on the cross output) or "
+        "stacked_parallel",
+    )
+    t_attention_layers: int = _field(3, "autoint: interacting (self-attention) layers")
+    t_attention_heads: int = _field(2, "autoint: attention heads per layer")
+    t_attention_dim: int = _field(
+        64, "autoint: output width of each interacting layer, over all heads"
+    )
+    mlp_dropout: float = _field(
+        0.0, "dropout probability after each hidden layer of every MLP"
+    )
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "teacher", str(self.teacher).lower())
         object.__setattr__(self, "student_type", str(self.student_type).lower())
         object.__setattr__(self, "t_cin", tuple(int(h) for h in self.t_cin))
+        object.__setattr__(self, "student", str(self.student).lower())
+        object.__setattr__(self, "t_dcn_structure", str(self.t_dcn_structure).lower())
+        for name in ("student_mlp", "t_mlp"):
+            object.__setattr__(self, name, tuple(int(h) for h in getattr(self, name)))
         _check_choice("teacher", self.teacher, TEACHERS)
         _check_choice("student_type", self.student_type, STUDENT_TYPES)
+        _check_choice("student", self.student, STUDENTS)
+        _check_choice("t_dcn_structure", self.t_dcn_structure, DCN_STRUCTURES)
+        for name in ("student_mlp", "t_mlp"):
+            sizes = getattr(self, name)
+            if not sizes or any(h < 1 for h in sizes):
+                raise ConfigError(
+                    f"invalid {name} {list(sizes)}: expected a non-empty list of "
+                    "positive hidden sizes, for example [400, 400, 400]"
+                )
+        for name in ("t_attention_layers", "t_attention_heads", "t_attention_dim"):
+            _check_positive(name, getattr(self, name))
+        if self.t_attention_dim % self.t_attention_heads:
+            raise ConfigError(
+                f"invalid t_attention_dim {self.t_attention_dim}: it must be "
+                f"divisible by t_attention_heads {self.t_attention_heads}, since "
+                "each head gets t_attention_dim / t_attention_heads columns"
+            )
+        if not 0.0 <= float(self.mlp_dropout) < 1.0:
+            raise ConfigError(
+                f"invalid mlp_dropout {self.mlp_dropout!r}: expected a probability "
+                "in [0, 1)"
+            )
         _check_positive("embedding_size", self.embedding_size)
         _check_positive("depth", self.depth)
         _check_positive("t_depth", self.t_depth)
@@ -130,11 +187,19 @@ class TrainConfig:
     )
     log_every_steps: int = _field(50, "steps between plain log lines")
     max_steps_per_epoch: int = _field(0, "cap on steps per epoch (0: no cap)")
+    teacher_logits: str | None = _field(
+        None,
+        "distillation: directory of cached teacher logits written by "
+        "jobs/cache_teacher_logits.py; the student learns from them and the "
+        "teacher does not run",
+    )
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "phase", Phase.parse(self.phase))
         if self.warm_up is not None and not str(self.warm_up).strip():
             object.__setattr__(self, "warm_up", None)
+        if self.teacher_logits is not None and not str(self.teacher_logits).strip():
+            object.__setattr__(self, "teacher_logits", None)
         _check_choice(
             "embedding_optimizer", self.embedding_optimizer, EMBEDDING_OPTIMIZERS
         )
@@ -177,7 +242,7 @@ class TrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    """Where examples come from and how they are streamed."""
+    """Data source and streaming options."""
 
     dataset: str = _field(
         "synthetic",
@@ -298,11 +363,6 @@ class DeployConfig:
     gpu_resource: str = _field(
         "nvidia.com/gpu", "extended resource name of a GPU on the nodes"
     )
-    embedding_rows: int = _field(
-        0,
-        "total embedding rows for memory sizing (0: sum of num_embeddings in the "
-        "dataset's schema.json)",
-    )
     memory_headroom: float = _field(
         1.25, "factor on the estimated worker memory (>= 1)"
     )
@@ -352,7 +412,6 @@ class DeployConfig:
                 "resource name such as nvidia.com/gpu or amd.com/gpu"
             )
         for name in (
-            "embedding_rows",
             "backoff_limit",
             "active_deadline_s",
             "ttl_after_finished_s",
