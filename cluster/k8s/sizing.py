@@ -112,9 +112,9 @@ def activation_values(config: RunConfig, schema: FeatureSchema) -> int:
     """fp32 values alive in one step of one rank (an estimate, see module doc).
 
     Per example with F fields and dimension D: the field embeddings (F D), each
-    DAGFM layer (3 F D, plus F F attention weights for the outer type), each
-    CrossNet layer (3 F D), and each CIN layer k (H_{k-1} F D for the outer
-    product plus H_k D), with H_0 = F.
+    DAGFM layer (3 F D, plus F F edge weights for the outer type) and the
+    dagfm_plus MLP, and the teacher's interaction layers (see
+    :func:`teacher_values_per_example`).
     """
     model = config.model
     fields = schema.num_fields
@@ -123,20 +123,43 @@ def activation_values(config: RunConfig, schema: FeatureSchema) -> int:
     student = model.depth * (3 * fields * dim)
     if model.student_type == "outer":
         student += model.depth * fields * fields
-    if model.teacher == "cin":
-        teacher = 0
-        previous = fields
-        for hidden in model.t_cin:
-            teacher += previous * fields * dim + hidden * dim
-            previous = hidden
-    else:
-        teacher = model.t_depth * 3 * fields * dim
-    per_example = fields * dim + student + teacher
+    if model.student == "dagfm_plus":
+        student += 2 * sum(model.student_mlp)
+    per_example = fields * dim + student + teacher_values_per_example(config, fields)
 
     workers = config.distributed.num_workers
     train_rows = math.ceil(config.train.train_batch_size / workers)
     eval_rows = config.train.eval_batch_size
     return max(2 * train_rows * per_example, eval_rows * per_example)
+
+
+def teacher_values_per_example(config: RunConfig, fields: int) -> int:
+    """Activation values per example of the teacher's layers.
+
+    CrossNet and DCNv2's cross network: 3 F D per layer. CIN (cin, xdeepfm):
+    H_{k-1} F D for layer k's outer product plus H_k D, with H_0 = F.
+    AutoInt: per layer the F x F attention of each head plus query, key,
+    value and output (4 F A for A = t_attention_dim). An MLP (dcnv2, xdeepfm,
+    autoint): 2 values per hidden unit (pre- and post-activation).
+    """
+    model = config.model
+    dim = model.embedding_size
+    teacher = model.teacher
+    values = 0
+    if teacher in ("crossnet", "dcnv2"):
+        values += model.t_depth * 3 * fields * dim
+    if teacher in ("cin", "xdeepfm"):
+        previous = fields
+        for hidden in model.t_cin:
+            values += previous * fields * dim + hidden * dim
+            previous = hidden
+    if teacher == "autoint":
+        per_layer = model.t_attention_heads * fields * fields
+        per_layer += 4 * fields * model.t_attention_dim
+        values += model.t_attention_layers * per_layer
+    if teacher in ("dcnv2", "xdeepfm", "autoint"):
+        values += 2 * sum(model.t_mlp)
+    return values
 
 
 def estimate_worker_memory(config: RunConfig, schema: FeatureSchema) -> MemoryEstimate:
