@@ -28,6 +28,8 @@ class DAGFM(nn.Module):
         embedding_dim: D.
         depth: L.
         interaction: ``"inner"`` or ``"outer"``.
+        readout: build the linear readout; DAGFM+ passes False and reads the
+            layer states through its own MLP instead.
 
     Example::
 
@@ -38,7 +40,12 @@ class DAGFM(nn.Module):
     edge_mask: torch.Tensor
 
     def __init__(
-        self, num_fields: int, embedding_dim: int, depth: int, interaction: str
+        self,
+        num_fields: int,
+        embedding_dim: int,
+        depth: int,
+        interaction: str,
+        readout: bool = True,
     ) -> None:
         super().__init__()
         if interaction not in ("inner", "outer"):
@@ -57,7 +64,7 @@ class DAGFM(nn.Module):
             torch.ones(num_fields, num_fields).triu().unsqueeze(-1),
             persistent=False,
         )  # (F, F, 1)
-        self.readout = nn.Linear(num_fields * (depth + 1), 1)
+        self.readout = nn.Linear(num_fields * (depth + 1), 1) if readout else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -69,7 +76,8 @@ class DAGFM(nn.Module):
                 nn.init.xavier_normal_(self.p[layer], gain=1.414)
                 if self.q is not None:
                     nn.init.xavier_normal_(self.q[layer], gain=1.414)
-        self.readout.reset_parameters()
+        if self.readout is not None:
+            self.readout.reset_parameters()
 
     def layer_states(self, embeddings: torch.Tensor) -> list[torch.Tensor]:
         """Return h^0 .. h^L, each (B X F X D)."""
@@ -95,6 +103,7 @@ class DAGFM(nn.Module):
         Returns:
             logits: (B,).
         """
+        assert self.readout is not None, "built with readout=False; use layer_states"
         states = self.layer_states(embeddings)
         pooled = torch.cat([h.sum(dim=-1) for h in states], dim=-1)  # (B, F(L+1))
         return self.readout(pooled).squeeze(-1)
