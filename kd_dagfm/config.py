@@ -461,7 +461,7 @@ def parse_tolerations(entries: tuple[str, ...]) -> list[dict[str, str]]:
     """Parse taints in kubectl syntax into pod tolerations.
 
     ``key=value:Effect`` tolerates that taint (operator Equal), ``key:Effect``
-    any value of the key (operator Exists); without ``:Effect`` every effect
+    any value of the key (operator Exists). Without ``:Effect`` every effect
     is tolerated.
     """
     tolerations: list[dict[str, str]] = []

@@ -728,10 +728,12 @@ def test_image_pins_match_requirements() -> None:
 
 def test_dockerignore_keeps_copied_sources() -> None:
     ignore = (ROOT / ".dockerignore").read_text().splitlines()
-    kept = {line[1:].rstrip("/") for line in ignore if line.startswith("!")}
+    unignored = {line[1:].rstrip("/") for line in ignore if line.startswith("!")}
     for dockerfile in DOCKERFILES:
         for line in dockerfile.read_text().splitlines():
             if line.startswith("COPY") and "--from" not in line:
                 sources = line.split()[1:-1]
                 for source in sources:
-                    assert source.rstrip("/") in kept, f"{dockerfile.name}: {source}"
+                    assert source.rstrip("/") in unignored, (
+                        f"{dockerfile.name}: {source}"
+                    )

@@ -24,7 +24,7 @@ def render_k8s(
     validate: bool = False,
     crd_paths: Sequence[str] = (),
 ) -> str:
-    """Write the manifests of ``config`` under ``out_dir``; return a report.
+    """Write the manifests of ``config`` under ``out_dir`` and return a report.
 
     Raises:
         KDDAGFMError: on a config that cannot run on Kubernetes, an unreadable
@@ -62,8 +62,8 @@ def render_k8s(
 
 
 def resolve_schema(config: RunConfig, schema_path: str | None) -> FeatureSchema:
-    """The feature schema that sizes the pods: ``schema_path``, the synthetic
-    generator's, or the dataset's own ``schema.json``."""
+    """Load the feature schema that sizes the pods: ``schema_path``, the
+    synthetic generator's, or the dataset's own ``schema.json``."""
     if schema_path is not None:
         from kd_dagfm.storage import filesystem
 
@@ -89,7 +89,7 @@ def resolve_schema(config: RunConfig, schema_path: str | None) -> FeatureSchema:
             raise
         raise SchemaError(
             f"cannot read schema.json of dataset {data.dataset!r} from this "
-            f"machine ({type(e).__name__}: {e}); copy it here and pass "
+            f"machine ({type(e).__name__}: {e}). Copy it here and pass "
             "--schema PATH, or set the S3 credentials in the environment"
         ) from None
 

@@ -53,8 +53,8 @@ from kd_dagfm.storage import is_remote
 logger = logging.getLogger(__name__)
 
 RAY_VERSION = "2.60.0"
-"""Ray in the images (requirements-cpu.txt, requirements-gpu.txt); KubeRay
-uses it to build the ``ray start`` and ``ray job submit`` commands."""
+"""Ray version in the images (requirements-cpu.txt, requirements-gpu.txt).
+KubeRay uses it to build the ``ray start`` and ``ray job submit`` commands."""
 
 CONFIG_DIR = "/etc/kd-dagfm"
 CONFIG_FILE = "run.yaml"
@@ -62,8 +62,8 @@ RUN_AS_USER = 10001
 """The images' non-root ``kd`` user (docker/Dockerfile.*)."""
 
 CONFIG_ERROR_EXIT_CODE = 2
-"""``kd-dagfm`` exits with 2 on a KDDAGFMError (invalid config, data or
-checkpoint); retrying cannot fix those, so the indexed Job fails at once."""
+"""Exit status of ``kd-dagfm`` on a KDDAGFMError (an invalid config, data or
+checkpoint). A retry cannot fix those, so the indexed Job fails at once."""
 
 RAY_HEAD_PORTS = {"gcs-server": 6379, "dashboard": 8265, "client": 10001}
 S3_REQUIRED_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
@@ -87,7 +87,7 @@ class RenderedDeployment:
     estimate: MemoryEstimate
 
     def write(self, out_dir: str | os.PathLike[str]) -> list[Path]:
-        """Write the files under ``out_dir`` (created if missing); return their paths."""
+        """Write the files under ``out_dir`` (created if missing) and return them."""
         root = Path(out_dir)
         root.mkdir(parents=True, exist_ok=True)
         paths = []
@@ -162,7 +162,7 @@ def check_deployable(config: RunConfig) -> None:
 
 
 def run_config_text(config: RunConfig) -> str:
-    """The run config a pod reads: every section but ``deploy``, fully spelled out.
+    """Return the run config a pod reads: every section but ``deploy``, spelled out.
 
     ``ray_address`` is ``auto``: the Ray entrypoints join the cluster they run
     on instead of starting a local one. A single-phase ``job_entrypoint`` also
@@ -190,7 +190,7 @@ def render_config_map(config: RunConfig) -> Manifest:
 
 
 def entrypoint_command(config: RunConfig) -> list[str]:
-    """The Ray driver command (``ray job submit -- <this>``)."""
+    """Return the Ray driver command (what ``ray job submit --`` runs)."""
     return [
         "python",
         "-m",
@@ -201,7 +201,7 @@ def entrypoint_command(config: RunConfig) -> list[str]:
 
 
 def launch_command(config: RunConfig) -> list[str]:
-    """The command of every rank of the indexed Job (torch.distributed, no Ray)."""
+    """Return the command of each indexed-Job rank (torch.distributed, no Ray)."""
     entrypoint = config.deploy.job_entrypoint
     if entrypoint == "pipeline":
         command = ["pipeline"]
@@ -218,8 +218,8 @@ def launch_command(config: RunConfig) -> list[str]:
 
 
 def render_ray_job(config: RunConfig, estimate: MemoryEstimate) -> Manifest:
-    """A RayJob: KubeRay starts a RayCluster, submits the entrypoint, then
-    deletes the cluster ``ttl_after_finished_s`` after the job ends.
+    """Render a RayJob. KubeRay starts a RayCluster, submits the entrypoint,
+    then deletes the cluster ``ttl_after_finished_s`` after the job ends.
 
     ``backoffLimit`` retries create a fresh RayCluster and rerun the
     entrypoint, which resumes from the newest complete checkpoint.
@@ -246,8 +246,8 @@ def render_ray_job(config: RunConfig, estimate: MemoryEstimate) -> Manifest:
 
 
 def render_ray_cluster(config: RunConfig, estimate: MemoryEstimate) -> Manifest:
-    """A long-lived RayCluster with the RayJob's layout; submit runs to it with
-    the script from :func:`render_submit_script`."""
+    """Render a long-lived RayCluster with the RayJob's layout. Runs go to it
+    through the script from :func:`render_submit_script`."""
     metadata = _metadata(config, config.deploy.job_name, "ray-cluster")
     metadata["annotations"] = {ESTIMATE_ANNOTATION: estimate.summary()}
     return {
@@ -259,7 +259,7 @@ def render_ray_cluster(config: RunConfig, estimate: MemoryEstimate) -> Manifest:
 
 
 def render_submit_script(config: RunConfig) -> str:
-    """A bash script that submits the entrypoint to the long-lived RayCluster."""
+    """Render a bash script that submits the entrypoint to the RayCluster."""
     deploy = config.deploy
     namespace = shlex.quote(deploy.namespace)
     cluster = shlex.quote(deploy.job_name)
@@ -295,8 +295,8 @@ ray job submit --address "$address" \\
 
 
 def render_rank_service(config: RunConfig) -> Manifest:
-    """The headless Service that gives each indexed-Job pod a DNS name
-    (``<job>-<index>.<service>``); rank 0's name is MASTER_ADDR."""
+    """Render the headless Service that gives each indexed-Job pod a DNS name,
+    ``<job>-<index>.<service>``. Rank 0's name is MASTER_ADDR."""
     deploy = config.deploy
     return {
         "apiVersion": "v1",
@@ -320,7 +320,7 @@ def render_rank_service(config: RunConfig) -> Manifest:
 
 
 def render_indexed_job(config: RunConfig, estimate: MemoryEstimate) -> Manifest:
-    """A ``batch/v1`` Job in Indexed mode: pod ``i`` is rank ``i``.
+    """Render a ``batch/v1`` Job in Indexed mode, where pod ``i`` is rank ``i``.
 
     A lost rank makes every other rank fail at its next collective, so one
     failure costs up to ``num_workers`` retries: ``backoffLimit`` is
@@ -332,7 +332,7 @@ def render_indexed_job(config: RunConfig, estimate: MemoryEstimate) -> Manifest:
     deploy = config.deploy
     workers = config.distributed.num_workers
     service = _rank_service_name(config)
-    env = [
+    env: list[dict[str, Any]] = [
         {
             "name": "RANK",
             "valueFrom": {
@@ -425,7 +425,8 @@ def to_yaml(documents: list[Manifest]) -> str:
 
 
 def _ray_cluster_spec(config: RunConfig, estimate: MemoryEstimate) -> dict[str, Any]:
-    """Head (no training: ``num-cpus`` 0) plus one worker pod per Ray Train worker.
+    """Build the cluster spec: a head with ``num-cpus`` 0 (no training) and one
+    worker pod per Ray Train worker.
 
     Each worker pod offers exactly ``cpus_per_worker`` CPUs and
     ``gpus_per_worker`` GPUs to Ray, so Ray Train places one worker per pod.
@@ -494,8 +495,8 @@ def _ray_cluster_spec(config: RunConfig, estimate: MemoryEstimate) -> dict[str, 
 
 
 def _worker_resources(config: RunConfig, memory_bytes: int) -> dict[str, Any]:
-    """CPU and memory requests, a memory limit equal to the request (the
-    kernel kills a pod past it, never its neighbours), and the GPUs.
+    """Build CPU and memory requests, a memory limit equal to the request, and
+    the GPUs. Past the limit the kernel kills this pod, not its neighbours.
 
     There is no CPU limit: it would throttle the rank without protecting
     anything the request does not already reserve.
@@ -549,9 +550,12 @@ def _container(
 
 
 def _s3_env(config: RunConfig) -> list[dict[str, Any]]:
-    """AWS credentials from the Secret, never inline: the two keys s3fs needs
-    are required (a missing key stops the pod with CreateContainerConfigError),
-    the session token, region and endpoint are optional."""
+    """Return AWS credential variables that reference the Secret, never values.
+
+    The two keys s3fs needs are required, so a missing key stops the pod with
+    CreateContainerConfigError. The session token, region and endpoint are
+    optional.
+    """
     secret = config.deploy.s3_secret
     if secret is None:
         return []

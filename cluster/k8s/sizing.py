@@ -1,7 +1,7 @@
 """Pod memory requests estimated from the model config and the feature schema.
 
-A worker pod holds its share of the embedding tables plus their training
-state, the activations of one step, the Python/PyTorch/Ray runtime and the
+A worker pod needs memory for its share of the embedding tables plus their
+training state, the activations of one step, the Python/PyTorch/Ray runtime and the
 Ray object store:
 
     table_bytes    = rows x D x 4 bytes x optimizer_factor
@@ -39,12 +39,12 @@ BYTES_PER_VALUE = 4
 """fp32 weights, gradients, optimizer state and activations."""
 
 OPTIMIZER_STATE_VALUES = {"sgd": 0.0, "adagrad": 1.0, "adam": 2.0}
-"""Optimizer state values per table weight; rowwise_adagrad keeps one per row."""
+"""Optimizer state values per table weight. rowwise_adagrad keeps one per row."""
 
 RUNTIME_BYTES = 2 * GIB
 """Per training process: Python, PyTorch, TorchRec/FBGEMM, pyarrow and the Ray
-core worker. Importing the stack alone measured 0.47 GB RSS (CPU build, x86_64);
-the rest is an estimate for the CUDA context, gloo/NCCL buffers and allocator
+core worker. Importing the stack alone measured 0.47 GB RSS (CPU build, x86_64),
+and the rest is an estimate for the CUDA context, gloo/NCCL buffers and allocator
 slack."""
 
 PREFETCH_BYTES_PER_VALUE = 8
@@ -82,7 +82,7 @@ class MemoryEstimate:
         return self.override_bytes or self.host_bytes
 
     def summary(self) -> str:
-        """One line for a manifest annotation."""
+        """Format the estimate as one line for a manifest annotation."""
         line = (
             f"rows={self.embedding_rows} D={self.embedding_dim} "
             f"optimizer_factor={self.optimizer_factor:g} "
@@ -100,7 +100,7 @@ class MemoryEstimate:
 
 
 def optimizer_factor(optimizer: str, embedding_dim: int) -> float:
-    """Values held per table weight: the weight, its gradient and the state."""
+    """Return the values kept per table weight: weight, gradient and state."""
     if optimizer == "rowwise_adagrad":
         state = 1.0 / embedding_dim
     else:
@@ -109,7 +109,7 @@ def optimizer_factor(optimizer: str, embedding_dim: int) -> float:
 
 
 def activation_values(config: RunConfig, schema: FeatureSchema) -> int:
-    """fp32 values alive in one step of one rank (an estimate, see module doc).
+    """Estimate the fp32 values alive in one step of one rank (see module doc).
 
     Per example with F fields and dimension D: the field embeddings (F D), each
     DAGFM layer (3 F D, plus F F edge weights for the outer type) and the
@@ -134,7 +134,7 @@ def activation_values(config: RunConfig, schema: FeatureSchema) -> int:
 
 
 def teacher_values_per_example(config: RunConfig, fields: int) -> int:
-    """Activation values per example of the teacher's layers.
+    """Count the activation values per example of the teacher's layers.
 
     CrossNet and DCNv2's cross network: 3 F D per layer. CIN (cin, xdeepfm):
     H_{k-1} F D for layer k's outer product plus H_k D, with H_0 = F.
@@ -187,7 +187,7 @@ def estimate_worker_memory(config: RunConfig, schema: FeatureSchema) -> MemoryEs
     object_store_bytes = math.ceil(deploy.object_store_gib * GIB)
 
     if config.distributed.gpus_per_worker > 0:
-        # Tables and activations sit in GPU memory; the host stages one shard
+        # Tables and activations sit in GPU memory. The host stages one shard
         # of a checkpoint at a time when saving.
         gpu_bytes = math.ceil(deploy.memory_headroom * (share_bytes + activation_bytes))
         host_working = share_bytes + prefetch_bytes + RUNTIME_BYTES
@@ -214,7 +214,7 @@ def estimate_worker_memory(config: RunConfig, schema: FeatureSchema) -> MemoryEs
 
 
 def head_memory_bytes(config: RunConfig) -> int:
-    """Memory of the Ray head pod: the configured GiB plus its object store."""
+    """Return the Ray head pod's memory: the configured GiB plus its object store."""
     deploy = config.deploy
     return _round_up_mib(
         math.ceil((deploy.head_memory_gib + deploy.object_store_gib) * GIB)
@@ -222,7 +222,7 @@ def head_memory_bytes(config: RunConfig) -> int:
 
 
 def quantity(num_bytes: int) -> str:
-    """A Kubernetes memory quantity in whole MiB ("6144Mi")."""
+    """Format bytes as a Kubernetes memory quantity in whole MiB ("6144Mi")."""
     return f"{_round_up_mib(num_bytes) // MIB}Mi"
 
 

@@ -66,7 +66,7 @@ def validate_documents(
     documents: Iterable[Mapping[str, Any]],
     kubernetes_versions: Iterable[str] = KUBERNETES_VERSIONS,
 ) -> int:
-    """Validate every document for every version; return how many were checked."""
+    """Validate every document for every version and return how many were checked."""
     count = 0
     versions = list(kubernetes_versions)
     for document in documents:
@@ -80,7 +80,7 @@ def validate_files(
     paths: Iterable[str | Path],
     kubernetes_versions: Iterable[str] = KUBERNETES_VERSIONS,
 ) -> int:
-    """Validate every YAML document in ``paths``; return how many were checked."""
+    """Validate every YAML document in ``paths`` and return how many were checked."""
     versions = list(kubernetes_versions)
     count = 0
     for path in paths:
@@ -94,7 +94,7 @@ def validate_files(
 
 
 def core_errors(manifest: Mapping[str, Any], kubernetes_version: str) -> Iterator[str]:
-    """Errors of a core-API manifest under ``kubernetes-validate --strict``."""
+    """Yield the errors of a core manifest under ``kubernetes-validate --strict``."""
     from kubernetes_validate import utils  # type: ignore[import-untyped]
 
     try:
@@ -112,17 +112,20 @@ def core_errors(manifest: Mapping[str, Any], kubernetes_version: str) -> Iterato
 def kuberay_errors(
     manifest: Mapping[str, Any], kubernetes_version: str
 ) -> Iterator[str]:
-    """Errors of a RayJob or RayCluster under the vendored ray.io/v1 schema."""
+    """Yield the errors of a RayJob or RayCluster under the vendored schema."""
     kind = manifest.get("kind")
     if kind not in ("RayJob", "RayCluster"):
-        yield f"kind {kind!r} is not covered by the vendored KubeRay schema; expected RayJob or RayCluster"
+        yield (
+            f"kind {kind!r} is not in the vendored KubeRay schema: expected "
+            "RayJob or RayCluster"
+        )
         return
     validator = _kuberay_validator(kind, kubernetes_version)
     yield from _format_errors(validator.iter_errors(dict(manifest)))
 
 
 def crd_validator(crd: Mapping[str, Any], version: str = "v1") -> Any:
-    """A strict validator built from a CustomResourceDefinition.
+    """Build a strict validator from a CustomResourceDefinition.
 
     The CRD's ``openAPIV3Schema`` gets ``additionalProperties: false`` on every
     object that lists its properties, unless it preserves unknown fields, so a
@@ -148,7 +151,7 @@ def crd_validator(crd: Mapping[str, Any], version: str = "v1") -> Any:
 
 
 def crd_errors(manifest: Mapping[str, Any], crd: Mapping[str, Any]) -> list[str]:
-    """Errors of ``manifest`` under the strict form of ``crd``'s schema."""
+    """Return the errors of ``manifest`` under the strict form of ``crd``'s schema."""
     version = str(manifest.get("apiVersion", "")).rpartition("/")[2]
     validator = crd_validator(crd, version)
     return list(_format_errors(validator.iter_errors(dict(manifest))))
@@ -181,7 +184,7 @@ def _format_errors(errors: Iterable[Any]) -> Iterator[str]:
 
 
 def _deepest(error: Any) -> Any:
-    """The most specific cause of an error under ``oneOf``/``anyOf``/``$ref``."""
+    """Return the most specific cause of an error under ``oneOf`` or ``anyOf``."""
     from jsonschema.exceptions import best_match
 
     if error.context:
@@ -213,7 +216,7 @@ def _kuberay_validator(kind: str, kubernetes_version: str) -> Any:
 
 
 def _core_definitions(kubernetes_version: str) -> dict[str, Any]:
-    """kubernetes-validate's strict definitions for one bundled version."""
+    """Load kubernetes-validate's strict definitions for one bundled version."""
     directory = f"v{kubernetes_version}.0-local-strict"
     path = (
         resources.files("kubernetes_validate")
@@ -225,7 +228,7 @@ def _core_definitions(kubernetes_version: str) -> dict[str, Any]:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ManifestValidationError(
-            f"kubernetes-validate has no schemas for Kubernetes {kubernetes_version}; "
+            f"kubernetes-validate has no schemas for Kubernetes {kubernetes_version}: "
             f"use one of {', '.join(KUBERNETES_VERSIONS)} or upgrade it "
             "(pip install -r requirements-dev.txt)"
         ) from None
