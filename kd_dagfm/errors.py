@@ -25,3 +25,7 @@ class DataError(KDDAGFMError, ValueError):
 
 class CheckpointError(KDDAGFMError, RuntimeError):
     """A checkpoint that is missing, unreadable, incomplete or incompatible."""
+
+
+class StorageError(DataError):
+    """Storage (local disk or an object store such as S3) that failed after retries."""

@@ -1,40 +1,67 @@
 """Stream one split of a Parquet dataset as equal-sized batches per rank.
 
-The unit of work is a row group. For epoch e the reader orders the shards by
-a permutation seeded with (seed, e), lists their row groups in that order and
-deals them round-robin to the ranks, so ranks read disjoint rows. Rows of a
-row group are permuted with a generator seeded by (seed, e, shard, row group).
+Epoch order. The unit of I/O is a row group. For epoch e the reader orders
+the shards by a permutation seeded with (seed, e), the row groups of each
+shard by a permutation seeded with (seed, e, shard), and the rows of each
+row group by permuting blocks of ``shuffle_block_rows`` rows, seeded with
+(seed, e, shard, row group). Blocks of 1 row give an exact permutation of
+the row group; longer blocks are copied as slices and cost less (see
+docs/BENCHMARKS.md). The order depends on the seed and the epoch only, not
+on the rank or the world size.
 
-Remainder policy for training (``remainder="drop"``): every rank yields
-``min over ranks of floor(rows on rank / batch_size)`` full batches, which
-TorchRec's row-wise sharding on gloo requires; the rows left over differ
-from epoch to epoch because of the shuffle. ``"keep"`` also yields the last
-partial batch and is for single-process runs. Evaluation yields every row.
+Ranks. The T rows of the epoch order are cut into W contiguous ranges of
+floor(T / W) or ceil(T / W) rows; rank r reads range r. Ranks therefore
+read disjoint rows and, except for the row groups at range boundaries,
+disjoint row groups and shards.
 
-The cursor (:class:`ReaderState`) points at the next unseen row; restoring it
-repeats nothing and skips nothing.
+Remainder. With ``remainder="drop"`` (training) every rank yields
+``floor(floor(T / W) / batch_size)`` full batches, as TorchRec's row-wise
+sharding on gloo requires; each rank leaves the rest of its range for the
+epoch (fewer than ``batch_size + 1`` rows), and the left-over rows change
+from epoch to epoch with the order. When ``bad_rows="skip"`` or
+``bad_shards="skip"`` removed rows and a rank's range runs short, the rank
+starts over at the beginning of its range until it has its batches, so the
+counts stay equal; the repeated rows are logged. ``"keep"`` yields every
+row of the range and a smaller last batch; evaluation uses it.
+
+Resume. :class:`ReaderState` points at the next unseen row of a rank's
+range. A reader restored from it continues with exactly the rows an
+uninterrupted reader would have yielded next, in the same order.
 """
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import dataclasses
 import logging
+import posixpath
 import queue
 import threading
+import zlib
 from collections.abc import Iterator
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from kd_dagfm.data.batch import Batch, table_to_batch
-from kd_dagfm.data.validation import check_shard_schema, validate_table
-from kd_dagfm.errors import DataError, SchemaError
+from kd_dagfm.data.batch import Batch, BatchAssembler, RowGroupArrays
+from kd_dagfm.data.validation import check_shard_schema, find_invalid_rows
+from kd_dagfm.errors import ConfigError, DataError, SchemaError
 from kd_dagfm.schema import SCHEMA_FILE, FeatureSchema
-from kd_dagfm.storage import filesystem, join
+from kd_dagfm.storage import filesystem, is_remote, join, storage_error, transport_cause
 
 logger = logging.getLogger(__name__)
+
+REMAINDER_POLICIES = ("drop", "keep")
+BAD_ROW_POLICIES = ("error", "skip")
+BAD_SHARD_POLICIES = ("error", "skip")
+# Parallel footer reads when listing a split on an object store.
+_FOOTER_THREADS = 16
+# Open shards kept by one reader; a rank reads its row groups mostly shard
+# by shard, so two cover a shard boundary.
+_OPEN_SHARDS = 2
 
 
 def load_schema(dataset: str) -> FeatureSchema:
@@ -49,16 +76,40 @@ def load_schema(dataset: str) -> FeatureSchema:
             f"no {SCHEMA_FILE} in dataset {dataset!r}: convert the data first "
             "(kd-dagfm convert ...) or check the path"
         ) from None
-    return FeatureSchema.from_json(text, source=f"{dataset}/{SCHEMA_FILE}")
+    except Exception as e:
+        if transport_cause(e) is None:
+            raise
+        raise storage_error(join(dataset, SCHEMA_FILE), "read", e) from None
+    return FeatureSchema.from_json(text, source=join(dataset, SCHEMA_FILE))
 
 
 @dataclasses.dataclass(frozen=True)
 class RowGroupUnit:
-    """One row group of one shard."""
+    """One non-empty row group of one shard.
+
+    Attributes:
+        shard: path of the shard within its filesystem.
+        row_group: row group index in the shard.
+        num_rows: rows in the row group (from the footer).
+    """
 
     shard: str
     row_group: int
     num_rows: int
+
+    @property
+    def shard_name(self) -> str:
+        """The shard's file name, stable when a dataset is copied elsewhere."""
+        return posixpath.basename(self.shard)
+
+
+@dataclasses.dataclass(frozen=True)
+class RankPiece:
+    """Rows ``[begin, end)`` of a row group's epoch order, read by one rank."""
+
+    unit: RowGroupUnit
+    begin: int
+    end: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,11 +118,15 @@ class ReaderState:
 
     Attributes:
         epoch: epoch number, from 0.
-        seed: seed of the shard order and row permutations.
-        unit: index into this rank's row-group list for ``epoch``.
-        row: offset into the (permuted, validated) rows of that row group.
+        seed: seed of the shard, row group and row order.
+        unit: index into this rank's list of row-group pieces for ``epoch``;
+            indices past the list's end mean the rank has started over to
+            fill its last batches (see the module docstring).
+        row: offset into that piece's rows in epoch order.
         batches: batches already yielded in ``epoch``.
-        world_size: the world size the cursor was made with.
+        world_size, rank, batch_size, shuffle, shuffle_block_rows: the
+            layout the cursor was made with; a cursor only maps to the same
+            layout.
         shard, row_group: where ``unit`` pointed, checked on restore.
     """
 
@@ -81,8 +136,16 @@ class ReaderState:
     row: int = 0
     batches: int = 0
     world_size: int = 1
+    rank: int = 0
+    batch_size: int = 0
+    shuffle: bool = True
+    shuffle_block_rows: int = 1
     shard: str = ""
     row_group: int = -1
+
+    @property
+    def at_epoch_start(self) -> bool:
+        return self.unit == 0 and self.row == 0 and self.batches == 0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -94,6 +157,14 @@ class ReaderState:
         )
 
 
+@dataclasses.dataclass(frozen=True)
+class SkippedShard:
+    """A shard left out of a split under ``bad_shards="skip"``."""
+
+    shard: str
+    reason: str
+
+
 class ParquetSplit:
     """The shards and row groups of one split, listed from Parquet footers.
 
@@ -101,101 +172,272 @@ class ParquetSplit:
         dataset: dataset directory or URL (holds ``schema.json``).
         split: ``train``, ``valid`` or ``test``.
         schema: expected features; each shard is checked against it.
+        bad_shards: what to do with a shard that is not readable Parquet
+            (corrupt, truncated) or does not match the schema: ``error``
+            stops with a DataError; ``skip`` leaves it out, logs it and
+            lists it in :attr:`skipped_shards`. The same applies to a row
+            group that fails to decode while reading. Shards without rows
+            are always left out (and listed in :attr:`empty_shards`).
     """
 
-    def __init__(self, dataset: str, split: str, schema: FeatureSchema) -> None:
+    def __init__(
+        self,
+        dataset: str,
+        split: str,
+        schema: FeatureSchema,
+        bad_shards: str = "error",
+    ) -> None:
+        _check_choice("bad_shards", bad_shards, BAD_SHARD_POLICIES)
         self.dataset = dataset
         self.split = split
         self.schema = schema
+        self.bad_shards = bad_shards
         self.fs, root = filesystem(dataset)
+        self.remote = is_remote(dataset)
         self.directory = join(root, split)
-        try:
-            shards = sorted(
-                p
-                for p in self.fs.ls(self.directory, detail=False)
-                if p.endswith(".parquet")
-            )
-        except FileNotFoundError:
-            shards = []
+        self.url = join(dataset, split)
+        self.skipped_shards: list[SkippedShard] = []
+        self.empty_shards: list[str] = []
+        self._footers: dict[str, pq.FileMetaData] = {}
+
+        shards = self._list_shards()
         if not shards:
             raise DataError(
                 f"no Parquet shards in split {split!r} of dataset {dataset!r} "
-                f"(looked for {self.directory}/*.parquet); check the path or convert the data"
+                f"(looked for {self.url}/*.parquet); check the path or convert "
+                "the data (kd-dagfm convert ...)"
             )
         self.shards = shards
         self.units: list[RowGroupUnit] = []
-        for shard in shards:
-            metadata = self._footer(shard)
-            for index in range(metadata.num_row_groups):
-                rows = metadata.row_group(index).num_rows
+        for shard, footer in zip(shards, self._read_footers(shards)):
+            if isinstance(footer, SkippedShard):
+                self._skip_shard(footer)
+                continue
+            self._footers[shard] = footer
+            if footer.num_rows == 0:
+                self.empty_shards.append(shard)
+                logger.info("shard %s has no rows; leaving it out", shard)
+                continue
+            for index in range(footer.num_row_groups):
+                rows = footer.row_group(index).num_rows
                 if rows:
                     self.units.append(RowGroupUnit(shard, index, rows))
         self.num_rows = sum(u.num_rows for u in self.units)
         if self.num_rows == 0:
             raise DataError(
-                f"split {split!r} of dataset {dataset!r} has {len(shards)} shard(s) "
-                "but no rows; an empty split cannot be trained or evaluated on"
+                f"split {split!r} of dataset {dataset!r} has no rows: "
+                f"{len(shards)} shard(s), {len(self.empty_shards)} empty, "
+                f"{len(self.skipped_shards)} skipped as unreadable or mismatched "
+                f"({'; '.join(f'{s.shard}: {s.reason}' for s in self.skipped_shards[:3])}); "
+                "an empty split cannot be trained or evaluated on"
             )
 
-    def _footer(self, shard: str) -> pq.FileMetaData:
+    def _list_shards(self) -> list[str]:
         try:
-            with self.fs.open(shard, "rb") as f:
+            self.fs.invalidate_cache(self.directory)
+            entries = self.fs.ls(self.directory, detail=True)
+        except FileNotFoundError:
+            return []
+        except Exception as e:
+            if transport_cause(e) is None:
+                raise
+            raise storage_error(self.url, "list", e) from None
+        names = []
+        for entry in entries:
+            name = entry["name"]
+            base = posixpath.basename(name)
+            if (
+                entry.get("type") == "file"
+                and base.endswith(".parquet")
+                and not base.startswith((".", "_"))
+            ):
+                names.append(name)
+        return sorted(names)
+
+    def _read_footers(self, shards: list[str]) -> list[pq.FileMetaData | SkippedShard]:
+        if not self.remote or len(shards) == 1:
+            return [self._read_footer(s) for s in shards]
+        with concurrent.futures.ThreadPoolExecutor(
+            max_workers=min(_FOOTER_THREADS, len(shards)),
+            thread_name_prefix="parquet-footer",
+        ) as pool:
+            return list(pool.map(self._read_footer, shards))
+
+    def _read_footer(self, shard: str) -> pq.FileMetaData | SkippedShard:
+        """The footer, or the reason the shard is unusable."""
+        try:
+            with self._open(shard) as f:
                 parquet_file = pq.ParquetFile(f)
-                check_shard_schema(parquet_file.schema_arrow, self.schema, shard)
-                return parquet_file.metadata
-        except (pa.ArrowInvalid, OSError) as e:
+                metadata = parquet_file.metadata
+                arrow_schema = parquet_file.schema_arrow
+        except FileNotFoundError:
             raise DataError(
-                f"shard {shard} is not a readable Parquet file ({e}); it may be "
-                "truncated or corrupt: re-copy or re-convert it, or remove it from the split"
+                f"shard {shard} disappeared while listing split {self.split!r}; "
+                "another process is changing the dataset: wait for it to finish"
             ) from None
+        except Exception as e:
+            if transport_cause(e) is not None:
+                raise storage_error(self._url(shard), "read", e) from None
+            if not isinstance(e, (pa.ArrowException, OSError)):
+                raise
+            return SkippedShard(
+                shard,
+                f"not a readable Parquet file ({e}); it may be truncated or corrupt",
+            )
+        try:
+            check_shard_schema(arrow_schema, self.schema, shard)
+        except DataError as e:
+            return SkippedShard(shard, str(e))
+        return metadata
+
+    def _skip_shard(self, skipped: SkippedShard) -> None:
+        if self.bad_shards == "error":
+            raise DataError(
+                f"{skipped.reason}. Re-copy or re-convert the shard, remove it from "
+                "the split, or set bad_shards=skip to leave such shards out"
+            )
+        self.skipped_shards.append(skipped)
+        logger.warning(
+            "leaving out shard %s of split %s (%d skipped so far): %s",
+            skipped.shard,
+            self.split,
+            len(self.skipped_shards),
+            skipped.reason,
+        )
+
+    def _open(self, shard: str) -> IO[bytes]:
+        return self.fs.open(shard, "rb")  # type: ignore[no-any-return]
+
+    def _url(self, shard: str) -> str:
+        return join(self.url, posixpath.basename(shard))
 
     def epoch_units(self, epoch: int, seed: int, shuffle: bool) -> list[RowGroupUnit]:
         """All row groups in the order of ``epoch``."""
-        order = list(range(len(self.shards)))
-        if shuffle:
-            order = (
-                np.random.default_rng([seed, epoch])
-                .permutation(len(self.shards))
-                .tolist()
-            )
-        rank = {self.shards[i]: position for position, i in enumerate(order)}
-        return sorted(self.units, key=lambda u: (rank[u.shard], u.row_group))
+        by_shard: dict[str, list[RowGroupUnit]] = collections.defaultdict(list)
+        for unit in self.units:
+            by_shard[unit.shard].append(unit)
+        shards = list(by_shard)
+        if not shuffle:
+            return [u for s in shards for u in by_shard[s]]
+        order: list[RowGroupUnit] = []
+        for index in np.random.default_rng([seed, epoch]).permutation(len(shards)):
+            units = by_shard[shards[index]]
+            key = _name_key(units[0].shard_name)
+            rng = np.random.default_rng([seed, epoch, key])
+            order.extend(units[i] for i in rng.permutation(len(units)))
+        return order
 
-    def rank_units(
+    def rank_pieces(
         self, epoch: int, seed: int, shuffle: bool, rank: int, world_size: int
-    ) -> list[RowGroupUnit]:
-        return self.epoch_units(epoch, seed, shuffle)[rank::world_size]
+    ) -> list[RankPiece]:
+        """Rank ``rank``'s contiguous range of the epoch order, as pieces."""
+        begin = rank * self.num_rows // world_size
+        end = (rank + 1) * self.num_rows // world_size
+        pieces: list[RankPiece] = []
+        position = 0
+        for unit in self.epoch_units(epoch, seed, shuffle):
+            low, high = max(begin, position), min(end, position + unit.num_rows)
+            if low < high:
+                pieces.append(RankPiece(unit, low - position, high - position))
+            position += unit.num_rows
+            if position >= end:
+                break
+        return pieces
 
-    def batches_per_epoch(
-        self, epoch: int, seed: int, shuffle: bool, world_size: int, batch_size: int
-    ) -> int:
-        """Full batches every rank yields in ``epoch`` under the drop policy
-        (before rows that validation skips)."""
-        units = self.epoch_units(epoch, seed, shuffle)
-        rows = [
-            sum(u.num_rows for u in units[r::world_size]) for r in range(world_size)
-        ]
-        return min(rows) // batch_size
+    def batches_per_epoch(self, world_size: int, batch_size: int) -> int:
+        """Full batches every rank yields per epoch under the drop policy."""
+        return (self.num_rows // world_size) // batch_size
 
-    def read_unit(self, unit: RowGroupUnit, bad_rows: str) -> tuple[pa.Table, int]:
-        """Read and validate one row group; returns (rows, rows skipped)."""
+    def open_shard(self, shard: str) -> tuple[IO[bytes], pq.ParquetFile]:
+        """Open a shard for reading row groups; the footer read at listing is reused."""
         try:
-            with self.fs.open(unit.shard, "rb") as f:
-                table = pq.ParquetFile(f).read_row_group(
-                    unit.row_group, columns=list(self.schema.columns)
-                )
-        except (pa.ArrowInvalid, OSError) as e:
+            handle = self._open(shard)
+        except FileNotFoundError:
             raise DataError(
-                f"failed to read row group {unit.row_group} of shard {unit.shard} ({e}); "
-                "the shard may be corrupt: re-copy or re-convert it"
+                f"shard {shard} of split {self.split!r} was deleted after the split "
+                "was listed; restore it or restart the run"
             ) from None
-        return validate_table(
-            table, self.schema, f"{unit.shard} row group {unit.row_group}", bad_rows
+        except Exception as e:
+            if transport_cause(e) is None:
+                raise
+            raise storage_error(self._url(shard), "open", e) from None
+        return handle, pq.ParquetFile(
+            handle, metadata=self._footers[shard], pre_buffer=self.remote
         )
+
+    def read_row_group(
+        self, parquet_file: pq.ParquetFile, unit: RowGroupUnit
+    ) -> pa.Table | None:
+        """Read the schema's columns of one row group.
+
+        Returns None for a row group that fails to decode when
+        ``bad_shards="skip"`` (logged by the caller).
+
+        Raises:
+            DataError: a row group that fails to decode (``bad_shards="error"``).
+            StorageError: the storage failed after retries.
+        """
+        try:
+            table = parquet_file.read_row_group(
+                unit.row_group, columns=list(self.schema.columns)
+            )
+        except Exception as e:
+            if transport_cause(e) is not None:
+                raise storage_error(self._url(unit.shard), "read", e) from None
+            if not isinstance(e, (pa.ArrowException, OSError)):
+                raise
+            reason = f"failed to decode ({e})"
+        else:
+            if table.num_rows == unit.num_rows:
+                return table
+            reason = (
+                f"decoded {table.num_rows} rows but its footer declares {unit.num_rows}"
+            )
+        if self.bad_shards == "error":
+            raise DataError(
+                f"row group {unit.row_group} of shard {unit.shard} {reason}; the "
+                "shard is corrupt: re-copy or re-convert it, or set bad_shards=skip "
+                "to skip such row groups"
+            )
+        logger.warning(
+            "skipping row group %d of shard %s: %s", unit.row_group, unit.shard, reason
+        )
+        return None
+
+    def attach_columns(
+        self, unit: RowGroupUnit, arrays: RowGroupArrays
+    ) -> RowGroupArrays:
+        """Add per-row columns stored outside the shards; none in this class.
+
+        A subclass returns ``arrays`` with extra columns in the row group's
+        file order, for example cached teacher logits
+        (:class:`kd_dagfm.teacher_cache.CachedLogitsSplit`), so they follow
+        every row through shuffling, skipping and resume.
+        """
+        return arrays
+
+    def row_order(
+        self, unit: RowGroupUnit, epoch: int, seed: int, shuffle: bool, block_rows: int
+    ) -> np.ndarray:
+        """(N,) int64 row indices of ``unit`` in the order of ``epoch``."""
+        rows = unit.num_rows
+        if not shuffle or rows == 1 or block_rows >= rows:
+            return np.arange(rows, dtype=np.int64)
+        rng = np.random.default_rng(
+            [seed, epoch, _name_key(unit.shard_name), unit.row_group]
+        )
+        if block_rows == 1:
+            return rng.permutation(rows).astype(np.int64, copy=False)
+        num_blocks = -(-rows // block_rows)
+        starts = rng.permutation(num_blocks).astype(np.int64) * block_rows
+        order = (starts[:, None] + np.arange(block_rows, dtype=np.int64)).ravel()
+        if rows % block_rows:
+            order = order[order < rows]  # the last block is shorter
+        return order
 
 
 class SplitReader:
-    """Iterates batches of one rank, with an exact resume cursor.
+    """Iterates the batches of one rank, with an exact resume cursor.
 
     ``for batch in reader.epoch(): ...`` yields the batches of the current
     epoch from the cursor on; :meth:`state` is the cursor after the last
@@ -205,12 +447,15 @@ class SplitReader:
         split: the split to read.
         batch_size: rows per batch on this rank.
         rank, world_size: this process's place among the readers.
-        seed: seed of shard order and row permutations.
-        shuffle: permute shards and rows (training); off for evaluation.
-        remainder: ``drop`` or ``keep`` (see module docstring).
-        bad_rows: ``error`` or ``skip`` (count and drop invalid rows).
-        prefetch_batches: batches a background thread prepares ahead; 0 reads
-            in the calling thread.
+        seed: seed of the shard, row group and row order.
+        shuffle: shuffle (training); off for evaluation.
+        remainder: ``drop`` or ``keep`` (see the module docstring).
+        bad_rows: ``error`` (stop at the first row group with invalid rows) or
+            ``skip`` (drop and count them; see :func:`find_invalid_rows`).
+        prefetch_batches: batches a background thread prepares ahead; 0
+            reads in the calling thread.
+        shuffle_block_rows: rows that stay together when a row group is
+            shuffled; 1 permutes single rows.
     """
 
     def __init__(
@@ -224,68 +469,107 @@ class SplitReader:
         remainder: str = "drop",
         bad_rows: str = "error",
         prefetch_batches: int = 4,
+        shuffle_block_rows: int = 1,
     ) -> None:
         if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is outside world size {world_size}")
+            raise ConfigError(
+                f"rank {rank} is outside world size {world_size}: expected "
+                f"0 <= rank < {world_size}"
+            )
+        for name, value in (
+            ("batch_size", batch_size),
+            ("shuffle_block_rows", shuffle_block_rows),
+        ):
+            if value < 1:
+                raise ConfigError(f"invalid {name} {value}: expected >= 1")
+        if prefetch_batches < 0:
+            raise ConfigError(
+                f"invalid prefetch_batches {prefetch_batches}: expected >= 0"
+            )
+        _check_choice("remainder", remainder, REMAINDER_POLICIES)
+        _check_choice("bad_rows", bad_rows, BAD_ROW_POLICIES)
         self.split = split
         self.batch_size = batch_size
         self.rank = rank
         self.world_size = world_size
         self.shuffle = shuffle
+        self.shuffle_block_rows = shuffle_block_rows
         self.remainder = remainder
         self.bad_rows = bad_rows
         self.prefetch_batches = prefetch_batches
         self.rows_skipped = 0
-        self._state = ReaderState(seed=seed, world_size=world_size)
+        self.row_groups_skipped = 0
+        self.rows_repeated = 0
+        self._state = self._start_of(0, seed)
 
     def state(self) -> ReaderState:
         return self._state
 
     def load_state(self, state: ReaderState) -> None:
+        """Continue from ``state``, a cursor saved by a reader of this split.
+
+        A cursor made with another world size, batch size or shuffle
+        setting does not map to this reader's ranges: the reader then starts
+        the epoch after the interrupted one and logs a warning.
+
+        Raises:
+            DataError: on a cursor with another seed or one that points at a
+                row group the split no longer has there.
+        """
         if state.seed != self._state.seed:
             raise DataError(
                 f"reader cursor was saved with seed {state.seed}, this run uses seed "
                 f"{self._state.seed}; resume with the same seed"
             )
-        if state.world_size != self.world_size:
-            # The row-group deal depends on the world size, so the old cursor
-            # does not map to this rank: start the interrupted epoch's
-            # successor instead of repeating or skipping unknown rows.
+        if state.at_epoch_start:
+            self._state = self._start_of(state.epoch, state.seed)
+            return
+        layout = self._start_of(state.epoch, state.seed)
+        saved = (
+            state.world_size,
+            state.rank,
+            state.batch_size,
+            state.shuffle,
+            state.shuffle_block_rows,
+        )
+        current = (
+            layout.world_size,
+            layout.rank,
+            layout.batch_size,
+            layout.shuffle,
+            layout.shuffle_block_rows,
+        )
+        if saved != current:
             logger.warning(
-                "reader cursor was saved with world size %d, now %d: continuing "
-                "at the start of epoch %d",
-                state.world_size,
-                self.world_size,
+                "reader cursor was saved with (world_size, rank, batch_size, shuffle, "
+                "shuffle_block_rows) = %s, this reader has %s: the rest of epoch %d "
+                "is skipped and reading continues at the start of epoch %d",
+                saved,
+                current,
+                state.epoch,
                 state.epoch + 1,
             )
-            state = ReaderState(
-                epoch=state.epoch + 1, seed=state.seed, world_size=self.world_size
-            )
-        elif state.unit > 0 or state.row > 0:
-            units = self._units(state.epoch)
-            if state.unit < len(units):
-                unit = units[state.unit]
-                if (unit.shard, unit.row_group) != (state.shard, state.row_group):
-                    raise DataError(
-                        f"reader cursor points at {state.shard} row group {state.row_group} "
-                        f"but the dataset now has {unit.shard} row group {unit.row_group} "
-                        "there; the shards changed since the checkpoint"
-                    )
+            self._state = self._start_of(state.epoch + 1, state.seed)
+            return
+        pieces = self._pieces(state.epoch)
+        if pieces and state.shard:
+            unit = pieces[state.unit % len(pieces)].unit
+            if (unit.shard_name, unit.row_group) != (state.shard, state.row_group):
+                raise DataError(
+                    f"reader cursor points at {state.shard} row group "
+                    f"{state.row_group}, but rank {self.rank} of split "
+                    f"{self.split.split!r} now has {unit.shard_name} row group "
+                    f"{unit.row_group} there: the shards changed since the "
+                    "checkpoint. Restore the dataset it was made with, or start "
+                    "the phase again"
+                )
         self._state = state
 
     def batches_in_epoch(self, epoch: int | None = None) -> int | None:
-        """Batches of a training epoch under ``drop``; None when not fixed."""
+        """Batches of an epoch under ``drop``; None under ``keep``."""
         if self.remainder != "drop":
             return None
-        epoch = self._state.epoch if epoch is None else epoch
-        return self.split.batches_per_epoch(
-            epoch, self._state.seed, self.shuffle, self.world_size, self.batch_size
-        )
-
-    def _units(self, epoch: int) -> list[RowGroupUnit]:
-        return self.split.rank_units(
-            epoch, self._state.seed, self.shuffle, self.rank, self.world_size
-        )
+        return self.split.batches_per_epoch(self.world_size, self.batch_size)
 
     def epoch(self) -> Iterator[Batch]:
         """Yield the rest of the current epoch; the cursor then moves to the next."""
@@ -296,89 +580,217 @@ class SplitReader:
         for batch, state in producer:
             self._state = state
             yield batch
-        self._state = ReaderState(
-            epoch=start.epoch + 1, seed=start.seed, world_size=self.world_size
+        self._state = self._start_of(start.epoch + 1, start.seed)
+
+    def _start_of(self, epoch: int, seed: int) -> ReaderState:
+        return ReaderState(
+            epoch=epoch,
+            seed=seed,
+            world_size=self.world_size,
+            rank=self.rank,
+            batch_size=self.batch_size,
+            shuffle=self.shuffle,
+            shuffle_block_rows=self.shuffle_block_rows,
+        )
+
+    def _pieces(self, epoch: int) -> list[RankPiece]:
+        return self.split.rank_pieces(
+            epoch, self._state.seed, self.shuffle, self.rank, self.world_size
         )
 
     def _produce(self, start: ReaderState) -> Iterator[tuple[Batch, ReaderState]]:
-        units = self._units(start.epoch)
+        pieces = self._pieces(start.epoch)
         limit = self.batches_in_epoch(start.epoch)
-        batches = start.batches
-        pending: list[pa.Table] = []
-        pending_rows = 0
-        unit_index, row = start.unit, start.row
-        while unit_index < len(units) and (limit is None or batches < limit):
-            unit = units[unit_index]
-            table = self._read_permuted(unit, start.epoch)
-            while row < table.num_rows and (limit is None or batches < limit):
-                take = min(self.batch_size - pending_rows, table.num_rows - row)
-                pending.append(table.slice(row, take))
-                pending_rows += take
-                row += take
-                if pending_rows == self.batch_size:
-                    batches += 1
-                    next_unit, next_row = (
-                        (unit_index + 1, 0)
-                        if row >= table.num_rows
-                        else (unit_index, row)
-                    )
-                    yield (
-                        self._batch(pending),
-                        self._cursor(start, units, next_unit, next_row, batches),
-                    )
-                    pending, pending_rows = [], 0
-            unit_index, row = unit_index + 1, 0
-        if pending_rows and self.remainder == "keep":
-            batches += 1
-            yield (
-                self._batch(pending),
-                self._cursor(start, units, len(units), 0, batches),
+        if limit == 0:
+            raise DataError(
+                f"split {self.split.split!r} has {self.split.num_rows} rows: with "
+                f"{self.world_size} rank(s) of {self.batch_size} rows per batch no "
+                "rank gets a full batch; lower the batch size or use more data"
             )
+        files = _OpenShards(self.split)
+        assembler = BatchAssembler(self.split.schema)
+        batches, unit_index, offset = start.batches, start.unit, start.row
+        # Rows yielded since the start of a pass over the rank's pieces; a
+        # whole pass without rows means that no row of the range is valid.
+        pass_rows: int | None = 0 if unit_index == 0 and offset == 0 else None
+        try:
+            while limit is None or batches < limit:
+                if unit_index >= len(pieces) and limit is None:
+                    break
+                if unit_index % len(pieces) == 0 and offset == 0 and unit_index > 0:
+                    self._start_over(start.epoch, unit_index, pass_rows)
+                    pass_rows = 0
+                piece = pieces[unit_index % len(pieces)]
+                positions, arrays, valid = self._load(piece, start.epoch, files)
+                while offset < len(positions) and (limit is None or batches < limit):
+                    need = self.batch_size - assembler.num_rows
+                    rows, consumed = _take_valid(positions, offset, need, valid)
+                    if arrays is not None:
+                        assembler.add(arrays, rows)
+                    offset += consumed
+                    if pass_rows is not None:
+                        pass_rows += len(rows)
+                    if unit_index >= len(pieces):
+                        self.rows_repeated += len(rows)
+                    if assembler.num_rows == self.batch_size:
+                        batches += 1
+                        at_end = offset >= len(positions)
+                        yield (
+                            assembler.build(),
+                            self._cursor(
+                                start,
+                                pieces,
+                                unit_index + 1 if at_end else unit_index,
+                                0 if at_end else offset,
+                                batches,
+                            ),
+                        )
+                unit_index, offset = unit_index + 1, 0
+            if assembler.num_rows and self.remainder == "keep":
+                batches += 1
+                yield (
+                    assembler.build(),
+                    self._cursor(start, pieces, len(pieces), 0, batches),
+                )
+        finally:
+            files.close()
 
-    def _read_permuted(self, unit: RowGroupUnit, epoch: int) -> pa.Table:
-        table, skipped = self.split.read_unit(unit, self.bad_rows)
-        if skipped:
-            self.rows_skipped += skipped
-            logger.warning(
-                "skipped %d invalid rows in %s row group %d (%d skipped so far)",
-                skipped,
-                unit.shard,
-                unit.row_group,
-                self.rows_skipped,
+    def _start_over(self, epoch: int, unit_index: int, pass_rows: int | None) -> None:
+        if pass_rows == 0:
+            raise DataError(
+                f"rank {self.rank} found no valid row in its part of split "
+                f"{self.split.split!r} in epoch {epoch} ({self.rows_skipped} rows "
+                f"and {self.row_groups_skipped} row groups skipped); fix the data "
+                "or set bad_rows=error to see the first problem"
             )
-        if self.shuffle and table.num_rows > 1:
-            shard_index = self.split.shards.index(unit.shard)
-            rng = np.random.default_rng(
-                [self._state.seed, epoch, shard_index, unit.row_group]
-            )
-            table = table.take(rng.permutation(table.num_rows))
-        return table
+        logger.warning(
+            "rank %d ran short of valid rows in epoch %d of split %s (%d rows and "
+            "%d row groups skipped): starting its range over (pass %d) so every "
+            "rank yields %s batches",
+            self.rank,
+            epoch,
+            self.split.split,
+            self.rows_skipped,
+            self.row_groups_skipped,
+            unit_index // max(1, len(self._pieces(epoch))) + 1,
+            self.batches_in_epoch(epoch),
+        )
 
-    def _batch(self, parts: list[pa.Table]) -> Batch:
-        table = parts[0] if len(parts) == 1 else pa.concat_tables(parts)
-        return table_to_batch(table, self.split.schema)
+    def _load(
+        self, piece: RankPiece, epoch: int, files: _OpenShards
+    ) -> tuple[np.ndarray, RowGroupArrays | None, np.ndarray | None]:
+        """(row positions of the piece in epoch order, the row group's arrays,
+        a (N,) bool mask of valid rows or None when all are valid)."""
+        unit = piece.unit
+        order = self.split.row_order(
+            unit, epoch, self._state.seed, self.shuffle, self.shuffle_block_rows
+        )
+        positions = order[piece.begin : piece.end]
+        table = self.split.read_row_group(files.get(unit.shard), unit)
+        if table is None:
+            self.row_groups_skipped += 1
+            return positions, None, np.zeros(unit.num_rows, dtype=bool)
+        source = f"{unit.shard} row group {unit.row_group}"
+        invalid = find_invalid_rows(table, self.split.schema, source, self.bad_rows)
+        arrays = self.split.attach_columns(
+            unit, RowGroupArrays.from_table(table, self.split.schema)
+        )
+        if invalid is None:
+            return positions, arrays, None
+        skipped = int(invalid[positions].sum())
+        self.rows_skipped += skipped
+        logger.warning(
+            "skipped %d invalid rows of %s (%d skipped so far)",
+            skipped,
+            source,
+            self.rows_skipped,
+        )
+        return positions, arrays, ~invalid
 
     def _cursor(
         self,
         start: ReaderState,
-        units: list[RowGroupUnit],
-        unit: int,
+        pieces: list[RankPiece],
+        unit_index: int,
         row: int,
         batches: int,
     ) -> ReaderState:
-        shard, row_group = ("", -1)
-        if unit < len(units):
-            shard, row_group = units[unit].shard, units[unit].row_group
+        shard, row_group = "", -1
+        if unit_index < len(pieces) or (self.remainder == "drop" and pieces):
+            unit = pieces[unit_index % len(pieces)].unit
+            shard, row_group = unit.shard_name, unit.row_group
         return ReaderState(
             epoch=start.epoch,
             seed=start.seed,
-            unit=unit,
+            unit=unit_index,
             row=row,
             batches=batches,
             world_size=self.world_size,
+            rank=self.rank,
+            batch_size=self.batch_size,
+            shuffle=self.shuffle,
+            shuffle_block_rows=self.shuffle_block_rows,
             shard=shard,
             row_group=row_group,
         )
+
+
+def _take_valid(
+    positions: np.ndarray, offset: int, need: int, valid: np.ndarray | None
+) -> tuple[np.ndarray, int]:
+    """Up to ``need`` valid rows from ``positions[offset:]``.
+
+    Returns:
+        (row indices, positions consumed, valid or not).
+    """
+    if valid is None:
+        rows = positions[offset : offset + need]
+        return rows, len(rows)
+    window = positions[offset:]
+    keep = valid[window]
+    taken = np.cumsum(keep)
+    if not len(taken) or taken[-1] <= need:
+        return window[keep], len(window)
+    consumed = int(np.searchsorted(taken, need)) + 1
+    return window[:consumed][keep[:consumed]], consumed
+
+
+def _name_key(name: str) -> int:
+    """A stable 32-bit key of a shard name, for seeding."""
+    return zlib.crc32(name.encode())
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(
+            f"invalid {name} {value!r}: expected one of {', '.join(choices)}"
+        )
+
+
+class _OpenShards:
+    """The shards a reader has open, newest last, at most ``_OPEN_SHARDS``."""
+
+    def __init__(self, split: ParquetSplit) -> None:
+        self.split = split
+        self._open: collections.OrderedDict[str, tuple[IO[bytes], pq.ParquetFile]] = (
+            collections.OrderedDict()
+        )
+
+    def get(self, shard: str) -> pq.ParquetFile:
+        if shard in self._open:
+            self._open.move_to_end(shard)
+            return self._open[shard][1]
+        while len(self._open) >= _OPEN_SHARDS:
+            _, (handle, _) = self._open.popitem(last=False)
+            handle.close()
+        handle, parquet_file = self.split.open_shard(shard)
+        self._open[shard] = (handle, parquet_file)
+        return parquet_file
+
+    def close(self) -> None:
+        while self._open:
+            _, (handle, _) = self._open.popitem()
+            handle.close()
 
 
 _DONE = object()
@@ -387,24 +799,33 @@ _DONE = object()
 def _prefetch(
     source: Iterator[tuple[Batch, ReaderState]], depth: int
 ) -> Iterator[tuple[Batch, ReaderState]]:
-    """Run ``source`` in a thread, ``depth`` items ahead; re-raise its errors here."""
+    """Run ``source`` in a thread, ``depth`` items ahead; re-raise its errors here.
+
+    When the consumer stops early, the thread closes ``source`` (which
+    closes its files) before it exits.
+    """
     items: queue.Queue[Any] = queue.Queue(maxsize=depth)
     stop = threading.Event()
+
+    def put(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                items.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
 
     def run() -> None:
         try:
             for item in source:
-                while not stop.is_set():
-                    try:
-                        items.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not put(item):
                     return
-            items.put(_DONE)
+            put(_DONE)
         except BaseException as e:  # handed to the consumer, which re-raises
-            items.put(e)
+            put(e)
+        finally:
+            source.close()  # type: ignore[attr-defined]
 
     thread = threading.Thread(target=run, name="parquet-prefetch", daemon=True)
     thread.start()

@@ -48,30 +48,125 @@ def check_shard_schema(arrow: pa.Schema, schema: FeatureSchema, source: str) -> 
             )
 
 
-def validate_table(
-    table: pa.Table, schema: FeatureSchema, source: str, bad_rows: str
-) -> tuple[pa.Table, int]:
+SKIP_HINT = "Fix the data, or set bad_rows=skip to drop and count such rows"
+
+
+def find_invalid_rows(
+    table: pa.Table,
+    schema: FeatureSchema,
+    source: str,
+    bad_rows: str,
+    hint: str = SKIP_HINT,
+) -> np.ndarray | None:
     """Find rows with invalid labels, ids or dense values.
 
     Invalid: a label that is null, NaN or not 0/1; an id that is null,
     negative or >= num_embeddings; a dense value that is null or not finite.
-    With ``bad_rows="error"`` the first problem raises DataError naming the
-    column, the value and its row; with ``"skip"`` those rows are dropped and
-    counted.
+    A null list in a ``sparse_list`` column counts as an empty list.
+
+    One vectorised pass per column (null counts and min/max) clears a valid
+    table; only a table that fails it is checked row by row.
+
+    Returns:
+        None when every row is valid, else a (N,) bool mask of invalid rows
+        (with ``bad_rows="skip"``).
+
+    Raises:
+        DataError: with ``bad_rows="error"``, naming each bad column, the
+            count, the first bad row and its value.
+    """
+    if _all_valid(table, schema):
+        return None
+    bad, problems = _invalid_rows(table, schema)
+    if not bad.any():
+        return None
+    if bad_rows == "error":
+        raise DataError(f"{source}: {'; '.join(problems)}. {hint}")
+    return bad
+
+
+def validate_table(
+    table: pa.Table, schema: FeatureSchema, source: str, bad_rows: str
+) -> tuple[pa.Table, int]:
+    """Check every row (see :func:`find_invalid_rows`).
 
     Returns:
         (the valid rows, number of rows dropped).
     """
+    bad = find_invalid_rows(table, schema, source, bad_rows)
+    if bad is None:
+        return table, 0
+    return table.filter(pa.array(~bad)), int(bad.sum())
+
+
+def _all_valid(table: pa.Table, schema: FeatureSchema) -> bool:
+    label = table.column(schema.label)
+    if label.null_count:
+        return False
+    if pa.types.is_integer(label.type):
+        if not _below(label, 2):
+            return False
+    elif not pc.all(pc.is_in(label, pa.array([0.0, 1.0], label.type))).as_py():
+        return False
+
+    for feature in schema.features:
+        column = table.column(feature.name)
+        if feature.kind is FeatureKind.SPARSE:
+            if not _below(column, feature.num_embeddings):
+                return False
+        elif feature.kind is FeatureKind.SPARSE_LIST:
+            if not _below(pc.list_flatten(column), feature.num_embeddings):
+                return False
+        elif column.null_count or not pc.all(pc.is_finite(column)).as_py():
+            return False
+    return True
+
+
+def _below(values: pa.Array | pa.ChunkedArray, limit: int) -> bool:
+    """True when ``values`` (integers) has no null and every value is in [0, limit).
+
+    Viewing signed integers as unsigned maps negative values above every
+    valid id, so one max reduction checks both bounds.
+    """
+    if values.null_count:
+        return False
+    chunks = values.chunks if isinstance(values, pa.ChunkedArray) else [values]
+    for chunk in chunks:
+        if len(chunk) == 0:
+            continue
+        array = np.asarray(chunk.to_numpy(zero_copy_only=False))
+        if array.dtype.kind == "i":
+            array = array.view(f"u{array.dtype.itemsize}")
+        if int(array.max()) >= limit:
+            return False
+    return True
+
+
+def _invalid_rows(
+    table: pa.Table, schema: FeatureSchema
+) -> tuple[np.ndarray, list[str]]:
+    """(N,) mask of invalid rows and one message per column with invalid rows."""
     num_rows = table.num_rows
     bad = np.zeros(num_rows, dtype=bool)
     problems: list[str] = []
 
-    def flag(mask: np.ndarray, column: str, values: np.ndarray, expected: str) -> None:
+    def flag(
+        mask: np.ndarray,
+        column: str,
+        values: np.ndarray,
+        expected: str,
+        null: np.ndarray | None = None,
+    ) -> None:
         if mask.any():
             first = int(np.flatnonzero(mask)[0])
+            shown = (
+                "null"
+                if null is not None and null[first]
+                else repr(values[first].item())
+            )
             problems.append(
                 f"column {column!r} has {int(mask.sum())} invalid row(s), first at row "
-                f"{first} with value {values[first]!r}; expected {expected}"
+                f"{first} with value {shown}; expected {expected}"
             )
             bad[:] |= mask
 
@@ -84,6 +179,7 @@ def validate_table(
         schema.label,
         label_values,
         "a label of 0 or 1",
+        label_null,
     )
 
     for feature in schema.features:
@@ -96,12 +192,7 @@ def validate_table(
                 column.fill_null(0).to_numpy(zero_copy_only=False), dtype=np.int64
             )
             mask = null | (ids < 0) | (ids >= feature.num_embeddings)
-            flag(
-                mask,
-                feature.name,
-                np.where(null, -1, ids),
-                _id_range(feature.num_embeddings),
-            )
+            flag(mask, feature.name, ids, _id_range(feature.num_embeddings), null)
         elif feature.kind is FeatureKind.SPARSE_LIST:
             values = column.flatten()
             parents = np.asarray(pc.list_parent_indices(column), dtype=np.int64)
@@ -111,6 +202,8 @@ def validate_table(
             bad_value = (ids < 0) | (ids >= feature.num_embeddings)
             mask = np.zeros(num_rows, dtype=bool)
             mask[parents[bad_value]] = True
+            # The first invalid id of each row, shown in the message; a null
+            # id inside a list is shown as -1.
             row_first_id = np.full(num_rows, -1, dtype=np.int64)
             row_first_id[parents[bad_value][::-1]] = ids[bad_value][::-1]
             flag(mask, feature.name, row_first_id, _id_range(feature.num_embeddings))
@@ -122,22 +215,10 @@ def validate_table(
                 column.fill_null(0).to_numpy(zero_copy_only=False), np.float64
             )
             flag(
-                null | ~np.isfinite(dense),
-                feature.name,
-                np.where(null, np.nan, dense),
-                "a finite number",
+                null | ~np.isfinite(dense), feature.name, dense, "a finite number", null
             )
 
-    if not bad.any():
-        return table, 0
-    if bad_rows == "error":
-        raise DataError(
-            f"{source}: "
-            + "; ".join(problems)
-            + ". Fix the data, or set bad_rows=skip "
-            "to drop and count such rows"
-        )
-    return table.filter(pa.array(~bad)), int(bad.sum())
+    return bad, problems
 
 
 def _id_range(num_embeddings: int) -> str:
