@@ -48,6 +48,7 @@ SHARDING_TYPES = (
 )
 REMAINDER_POLICIES = ("drop", "keep")
 BAD_ROW_POLICIES = ("error", "skip")
+BAD_SHARD_POLICIES = ("error", "skip")
 JOB_ENTRYPOINTS = ("pipeline", "teacher_training", "distillation", "finetuning")
 IMAGE_PULL_POLICIES = ("Always", "IfNotPresent", "Never")
 TAINT_EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute")
@@ -263,6 +264,16 @@ class DataConfig:
         "rows with invalid labels or ids: error (stop) or skip (count and drop)",
     )
     prefetch_batches: int = _field(4, "batches prepared ahead by a reader thread")
+    bad_shards: str = _field(
+        "error",
+        "shards that are not readable Parquet or do not match schema.json, and row "
+        "groups that fail to decode: error (stop) or skip (leave out and log)",
+    )
+    shuffle_block_rows: int = _field(
+        256,
+        "rows that stay together when a row group is shuffled each epoch; 1 "
+        "permutes single rows (slower to read, see docs/BENCHMARKS.md)",
+    )
 
     def __post_init__(self) -> None:
         if not str(self.dataset).strip():
@@ -278,6 +289,8 @@ class DataConfig:
             )
         _check_choice("remainder", self.remainder, REMAINDER_POLICIES)
         _check_choice("bad_rows", self.bad_rows, BAD_ROW_POLICIES)
+        _check_choice("bad_shards", self.bad_shards, BAD_SHARD_POLICIES)
+        _check_positive("shuffle_block_rows", self.shuffle_block_rows)
         if self.prefetch_batches < 0:
             raise ConfigError(
                 f"invalid prefetch_batches {self.prefetch_batches}: expected >= 0"
