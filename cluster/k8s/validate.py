@@ -95,14 +95,14 @@ def validate_files(
 
 def core_errors(manifest: Mapping[str, Any], kubernetes_version: str) -> Iterator[str]:
     """Yield the errors of a core manifest under ``kubernetes-validate --strict``."""
-    from kubernetes_validate import utils  # type: ignore[import-untyped]
+    import kubernetes_validate
 
     try:
-        utils.validate(dict(manifest), kubernetes_version, strict=True)
-    except utils.ValidationError as e:
+        kubernetes_validate.validate(dict(manifest), kubernetes_version, strict=True)
+    except kubernetes_validate.ValidationError as e:
         path = ".".join(str(p) for p in e.path) or "(root)"
         yield f"{path}: {e.message}"
-    except utils.SchemaNotFoundError as e:
+    except kubernetes_validate.SchemaNotFoundError as e:
         yield (
             f"no Kubernetes {kubernetes_version} schema for kind "
             f"{manifest.get('kind')!r} in {manifest.get('apiVersion')!r}: {e.message}"
