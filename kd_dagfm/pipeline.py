@@ -20,6 +20,7 @@ from kd_dagfm.storage import filesystem, join
 from kd_dagfm.train.engine import Engine, LocalEngine
 from kd_dagfm.train.trainer import (
     EngineFactory,
+    EpochCallback,
     PhaseResult,
     PhaseTrainer,
     phase_directory,
@@ -94,12 +95,21 @@ def run_phase(
     config: RunConfig,
     phase: Phase | None = None,
     make_engine: EngineFactory | None = None,
+    on_epoch_end: EpochCallback | None = None,
 ) -> PhaseResult:
-    """Run one phase (``config.train.phase`` unless given) in this process."""
+    """Run one phase (``config.train.phase`` unless given) in this process.
+
+    ``on_epoch_end`` is called with (epoch, valid metrics) after each epoch.
+    """
     dataset, schema = prepare_dataset(config)
     phase = phase or config.train.phase
     trainer = PhaseTrainer(
-        config, phase, schema, dataset, make_engine or local_engine_factory(config)
+        config,
+        phase,
+        schema,
+        dataset,
+        make_engine or local_engine_factory(config),
+        on_epoch_end=on_epoch_end,
     )
     return trainer.run()
 

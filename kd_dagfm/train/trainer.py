@@ -23,11 +23,12 @@ from kd_dagfm.data.batch import Batch
 from kd_dagfm.data.reader import ParquetSplit, ReaderState, SplitReader
 from kd_dagfm.errors import CheckpointError, ConfigError
 from kd_dagfm.flops import count_parameters, flops_per_example
-from kd_dagfm.model import KDDAGFM, evaluated_logits
+from kd_dagfm.model import KDDAGFM, STUDENT_NAMES, TEACHER_NAMES, evaluated_logits
 from kd_dagfm.objective import KDObjective
 from kd_dagfm.phases import Phase
 from kd_dagfm.schema import FeatureSchema
 from kd_dagfm.storage import join
+from kd_dagfm.teacher_cache import TeacherLogitCache
 from kd_dagfm.train.checkpoint import (
     CheckpointInfo,
     CheckpointManager,
@@ -42,6 +43,8 @@ from kd_dagfm.train.metrics import BinaryCTRMetrics, EvalResult
 logger = logging.getLogger(__name__)
 
 EngineFactory = Callable[[KDDAGFM, Phase], Engine]
+# Called after each epoch's validation with (epoch, valid metrics).
+EpochCallback = Callable[[int, EvalResult], None]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,8 +84,8 @@ def phase_directory(config: RunConfig, phase: Phase) -> str:
 
 def model_name(config: RunConfig, phase: Phase) -> str:
     if phase is Phase.TEACHER_TRAINING:
-        return {"crossnet": "CrossNet", "cin": "CIN"}[config.model.teacher]
-    return f"DAGFM-{config.model.student_type}"
+        return TEACHER_NAMES[config.model.teacher]
+    return f"{STUDENT_NAMES[config.model.student]}-{config.model.student_type}"
 
 
 def check_compatible(
@@ -120,6 +123,8 @@ class PhaseTrainer:
         schema: the dataset's features.
         dataset: dataset directory or URL.
         make_engine: places a model and builds its optimizers.
+        on_epoch_end: called with (epoch, valid metrics) after each epoch's
+            validation, on every rank (Ray Tune reports from it).
     """
 
     def __init__(
@@ -129,12 +134,19 @@ class PhaseTrainer:
         schema: FeatureSchema,
         dataset: str,
         make_engine: EngineFactory,
+        on_epoch_end: EpochCallback | None = None,
     ) -> None:
         self.config = config
         self.phase = phase
         self.schema = schema
         self.dataset = dataset
         self.make_engine = make_engine
+        self.on_epoch_end = on_epoch_end
+        # Distillation from cached logits: the reader attaches them to the
+        # batches and the teacher does not run.
+        self.teacher_cache: TeacherLogitCache | None = None
+        if phase is Phase.DISTILLATION and config.train.teacher_logits:
+            self.teacher_cache = TeacherLogitCache.open(config.train.teacher_logits)
         self.directory = phase_directory(config, phase)
         self.checkpoints = CheckpointManager(
             join(self.directory, "checkpoints"), config.train.keep_last_checkpoints
@@ -168,6 +180,10 @@ class PhaseTrainer:
             state = self._resume(latest, reader)
         else:
             self._warm_start()
+        if self.teacher_cache is not None:
+            self.teacher_cache.check_teacher(
+                self.engine.unwrapped, self.config, self.schema
+            )
 
         state = self._train(reader, state)
         return self._finish(state, reader, time.perf_counter() - started)
@@ -195,8 +211,13 @@ class PhaseTrainer:
                 f"train_batch_size {batch_size} is not divisible by {world} workers; "
                 f"use a multiple of {world} such as {batch_size - batch_size % world or world}"
             )
+        split_type = (
+            ParquetSplit
+            if self.teacher_cache is None
+            else self.teacher_cache.split_type
+        )
         return SplitReader(
-            ParquetSplit(self.dataset, split, self.schema),
+            split_type(self.dataset, split, self.schema, bad_shards=data.bad_shards),
             batch_size=batch_size // world if training else batch_size,
             rank=self.engine.rank,
             world_size=world,
@@ -205,6 +226,7 @@ class PhaseTrainer:
             remainder=data.remainder if training else "keep",
             bad_rows=data.bad_rows,
             prefetch_batches=data.prefetch_batches,
+            shuffle_block_rows=data.shuffle_block_rows,
         )
 
     def _warm_start(self) -> None:
@@ -276,7 +298,12 @@ class PhaseTrainer:
             epoch_started = time.perf_counter()
             for batch in self._progress(reader, epoch):
                 batch = batch.to(self.engine.device)
-                output = model(batch.sparse_features, batch.dense_features, self.phase)
+                output = model(
+                    batch.sparse_features,
+                    batch.dense_features,
+                    self.phase,
+                    teacher_logits=batch.teacher_logits,
+                )
                 loss, parts = self.objective(output, batch.labels, self.phase)
                 self.engine.optimize(loss)
                 state.step += 1
@@ -341,6 +368,8 @@ class PhaseTrainer:
             )
             if improved:
                 state.best_seq = info.seq
+            if self.on_epoch_end is not None:
+                self.on_epoch_end(epoch, valid)
         return state
 
     def _progress(self, reader: SplitReader, epoch: int) -> Iterable[Batch]:
@@ -365,7 +394,12 @@ class PhaseTrainer:
         with torch.no_grad():
             for batch in self._reader(split, training=False).epoch():
                 batch = batch.to(self.engine.device)
-                output = model(batch.sparse_features, batch.dense_features, self.phase)
+                output = model(
+                    batch.sparse_features,
+                    batch.dense_features,
+                    self.phase,
+                    teacher_logits=batch.teacher_logits,
+                )
                 metrics.update(evaluated_logits(output, self.phase), batch.labels)
         return metrics.compute()
 
