@@ -170,6 +170,12 @@ def cmd_render_k8s(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from kd_dagfm.planning import plan_command
+
+    return plan_command(config_from_args(args), args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kd-dagfm", description=__doc__.split("\n\n")[0]
@@ -231,6 +237,17 @@ def build_parser() -> argparse.ArgumentParser:
         "(kubectl get crd rayjobs.ray.io -o yaml > FILE); repeatable",
     )
     render_k8s.set_defaults(func=cmd_render_k8s)
+
+    plan = commands.add_parser(
+        "plan",
+        help="plan the embedding tables on GPU or CPU clusters without allocating "
+        "them; print memory per rank, or why they do not fit",
+    )
+    _add_config_flags(plan)
+    from kd_dagfm.planning import add_plan_arguments
+
+    add_plan_arguments(plan)
+    plan.set_defaults(func=cmd_plan)
     return parser
 
 
