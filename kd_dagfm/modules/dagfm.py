@@ -80,18 +80,39 @@ class DAGFM(nn.Module):
             self.readout.reset_parameters()
 
     def layer_states(self, embeddings: torch.Tensor) -> list[torch.Tensor]:
-        """Return h^0 .. h^L, each (B X F X D)."""
-        h0 = torch.einsum("st,btd->bsd", self.field_mixing, embeddings)  # (B, F, D)
+        """Return h^0 .. h^L, each (B X F X D) (views of batch-last tensors)."""
+        return [h.permute(2, 0, 1) for h in self._batch_last_states(embeddings)]
+
+    def _batch_last_states(self, embeddings: torch.Tensor) -> list[torch.Tensor]:
+        """Return h^0 .. h^L, each (F X D X B), the batch dimension innermost.
+
+        With B innermost, every contraction over F or D is a batched matmul
+        whose large dimension is B, and the elementwise products and the
+        readout's sums run on contiguous memory. On a CPU this is several
+        times faster than einsums over (B, F, D): there, each batched matmul
+        has an inner dimension of F or D and reads strided operands. The
+        matmuls and their FLOPs are the same.
+        """
+        batch, num_fields, dim = embeddings.shape
+        e = embeddings.permute(1, 2, 0).reshape(num_fields, dim * batch)  # (F, D*B)
+        h0 = torch.mm(self.field_mixing, e).view(num_fields, dim, batch)  # (F, D, B)
         states = [h0]
         h = h0
         for layer in range(self.depth):
-            p = self.p[layer] * self.edge_mask  # (F, F, D), zero where f > s
+            p = self.p[layer] * self.edge_mask  # (F, S, D), zero where f > s
             if self.q is None:
-                aggregated = torch.einsum("bfd,fsd->bsd", h, p)  # (B, F, D)
+                # aggregated[s, d, b] = sum_f p[f, s, d] h[f, d, b], one matmul per d.
+                aggregated = torch.bmm(
+                    p.permute(2, 1, 0), h.transpose(0, 1)
+                )  # (D, S, F) @ (D, F, B) -> (D, S, B)
+                aggregated = aggregated.transpose(0, 1)  # (S, D, B)
             else:
-                weights = torch.einsum("bfd,fsd->bfs", h, p)  # <h_f, p_fs>: (B, F, F)
-                aggregated = torch.einsum("bfs,fsd->bsd", weights, self.q[layer])
-            h = h0 * aggregated  # (B, F, D)
+                # weights[f, s, b] = <h_f, p_fs>: (F, S, D) @ (F, D, B) -> (F, S, B)
+                weights = torch.bmm(p, h)
+                aggregated = torch.bmm(
+                    self.q[layer].permute(1, 2, 0), weights.transpose(0, 1)
+                )  # (S, D, F) @ (S, F, B) -> (S, D, B)
+            h = h0 * aggregated  # (F, D, B)
             states.append(h)
         return states
 
@@ -104,6 +125,10 @@ class DAGFM(nn.Module):
             logits: (B,).
         """
         assert self.readout is not None, "built with readout=False; use layer_states"
-        states = self.layer_states(embeddings)
-        pooled = torch.cat([h.sum(dim=-1) for h in states], dim=-1)  # (B, F(L+1))
-        return self.readout(pooled).squeeze(-1)
+        states = self._batch_last_states(embeddings)
+        pooled = torch.cat([h.sum(dim=1) for h in states], dim=0)  # (F(L+1), B)
+        # readout(pooled^T), computed as W @ pooled + b: (1, F(L+1)) @ (F(L+1), B).
+        logits = torch.addmm(
+            self.readout.bias.unsqueeze(1), self.readout.weight, pooled
+        )  # (1, B)
+        return logits.squeeze(0)
