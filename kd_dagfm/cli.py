@@ -176,6 +176,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return plan_command(config_from_args(args), args)
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from cluster.tune import tune_command
+    from kd_dagfm.pipeline import default_threads
+
+    default_threads()
+    tune_command(config_from_args(args), args)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kd-dagfm", description=__doc__.split("\n\n")[0]
@@ -248,6 +257,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_plan_arguments(plan)
     plan.set_defaults(func=cmd_plan)
+
+    tune = commands.add_parser(
+        "tune",
+        help="search hyper-parameters of the phase named by --phase with Ray Tune "
+        "(RecBole hyper.test or YAML space, ASHA early stopping)",
+    )
+    _add_config_flags(tune)
+    from cluster.tune import add_tune_arguments
+
+    add_tune_arguments(tune)
+    tune.set_defaults(func=cmd_tune)
     return parser
 
 
