@@ -274,6 +274,10 @@ class PhaseTrainer:
             },
         )
         state = TrainerState.from_dict(latest.meta["trainer"])
+        if state.best_seq is None and state.best_epoch >= 0:
+            # An epoch checkpoint that improved the valid AUC holds the best
+            # weights itself; its seq was assigned only after it was written.
+            state.best_seq = latest.seq
         cursors = latest.meta["trainer"]["reader"]
         rank = self.engine.rank
         cursor = cursors[rank] if rank < len(cursors) else cursors[0]
@@ -296,7 +300,14 @@ class PhaseTrainer:
             if self.phase is Phase.DISTILLATION:
                 self.engine.unwrapped.teacher.eval()
             epoch_started = time.perf_counter()
-            for batch in self._progress(reader, epoch):
+            # A checkpoint saved at max_steps_per_epoch resumes with the epoch's
+            # cap already reached: train no further batch in it.
+            capped = bool(
+                train.max_steps_per_epoch
+                and reader.state().batches >= train.max_steps_per_epoch
+            )
+            batches = () if capped else self._progress(reader, epoch)
+            for batch in batches:
                 batch = batch.to(self.engine.device)
                 output = model(
                     batch.sparse_features,
