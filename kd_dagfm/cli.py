@@ -123,6 +123,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ray_pipeline(args: argparse.Namespace) -> int:
+    from jobs._main import run_job
+    from kd_dagfm.phases import PIPELINE
+
+    return run_job(args, PIPELINE)
+
+
 def write_results(config: RunConfig, results: Sequence[Any], table: str) -> None:
     from kd_dagfm.storage import filesystem, join
 
@@ -202,6 +209,20 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="run the one phase named by --phase")
     _add_config_flags(train)
     train.set_defaults(func=cmd_train)
+
+    ray_pipeline = commands.add_parser(
+        "ray-pipeline",
+        help="run the three phases on num_workers Ray Train workers with sharded "
+        "tables (on ray_address or RAY_ADDRESS, else a local loopback-only head), "
+        "print a table",
+    )
+    _add_config_flags(ray_pipeline)
+    ray_pipeline.add_argument(
+        "--run_name",
+        default=None,
+        help="Ray Train run name under storage_path (default: kd-dagfm-pipeline)",
+    )
+    ray_pipeline.set_defaults(func=cmd_ray_pipeline)
 
     convert = commands.add_parser(
         "convert", help="convert raw data to a Parquet dataset"
