@@ -46,6 +46,7 @@ SHARDING_TYPES = (
     "table_row_wise",
     "data_parallel",
 )
+TABLE_INITS = ("full", "sharded")
 REMAINDER_POLICIES = ("drop", "keep")
 BAD_ROW_POLICIES = ("error", "skip")
 BAD_SHARD_POLICIES = ("error", "skip")
@@ -314,6 +315,14 @@ class DistributedConfig:
     max_failures: int = _field(
         2, "worker failures Ray Train restarts from a checkpoint"
     )
+    table_init: str = _field(
+        "full",
+        "how sharded runs create the embedding tables: full (every rank builds "
+        "the whole seeded tables and keeps its shards, so a sharded run starts "
+        "from the same weights as a single process) or sharded (the tables are "
+        "built on the meta device and each rank allocates and initialises only "
+        "its shards; needed when a whole table does not fit in one process)",
+    )
 
     def __post_init__(self) -> None:
         _check_positive("num_workers", self.num_workers)
@@ -327,6 +336,7 @@ class DistributedConfig:
                 f"invalid max_failures {self.max_failures}: expected >= 0"
             )
         _check_choice("sharding", self.sharding, SHARDING_TYPES)
+        _check_choice("table_init", self.table_init, TABLE_INITS)
 
 
 @dataclasses.dataclass(frozen=True)

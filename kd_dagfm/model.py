@@ -101,6 +101,8 @@ class KDDAGFM(nn.Module):
         schema: the dataset's features.
         config: architecture.
         device: where to allocate parameters (the trainer decides).
+        table_device: where to allocate the embedding tables, if not
+            ``device``; ``"meta"`` leaves them to a sharded engine.
     """
 
     def __init__(
@@ -108,11 +110,14 @@ class KDDAGFM(nn.Module):
         schema: FeatureSchema,
         config: ModelConfig,
         device: torch.device | str | None = None,
+        table_device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
         self.config = config
         num_fields = schema.num_fields
-        self.sparse_arch = SparseArch(schema, config.embedding_size, device=device)
+        self.sparse_arch = SparseArch(
+            schema, config.embedding_size, device=device, table_device=table_device
+        )
         self.teacher = TEACHERS[config.teacher](config, num_fields).to(device)
         self.student = STUDENTS[config.student](config, num_fields).to(device)
 

@@ -13,6 +13,7 @@ from kd_dagfm.data.reader import load_schema
 from kd_dagfm.data.recbole import convert_recbole
 from kd_dagfm.data.synthetic import generate_synthetic
 from kd_dagfm.data.writer import write_dataset
+from kd_dagfm.errors import ConfigError
 from kd_dagfm.model import KDDAGFM
 from kd_dagfm.phases import PIPELINE, Phase
 from kd_dagfm.schema import SCHEMA_FILE, FeatureSchema
@@ -85,6 +86,14 @@ def recbole_atomic_name(directory: str) -> str | None:
 
 
 def local_engine_factory(config: RunConfig) -> EngineFactory:
+    if config.distributed.table_init == "sharded":
+        raise ConfigError(
+            "table_init=sharded leaves the embedding tables for a sharded engine "
+            "to allocate, but this run uses the single-process engine; use "
+            "table_init=full, or run with the sharded engine (num_workers >= 1 "
+            "through the distributed runner)"
+        )
+
     def make(model: KDDAGFM, phase: Phase) -> Engine:
         return LocalEngine(model, config.train, phase, torch.device("cpu"))
 

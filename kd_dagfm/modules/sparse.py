@@ -46,6 +46,10 @@ class SparseArch(nn.Module):
         embedding_dim: D.
         device: where to allocate the tables; ``"meta"`` builds them without
             memory, for sharding plans.
+        table_device: where to allocate the tables only, if not ``device``;
+            ``"meta"`` leaves them to a sharded engine, which allocates and
+            initialises each rank's shards, while the dense embedding stays
+            on ``device``.
     """
 
     def __init__(
@@ -53,13 +57,16 @@ class SparseArch(nn.Module):
         schema: FeatureSchema,
         embedding_dim: int,
         device: torch.device | str | None = None,
+        table_device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
         self.sparse_names = tuple(f.name for f in schema.sparse_features)
         self.num_dense = len(schema.dense_features)
+        if table_device is None:
+            table_device = device
         self.embedding_bag_collection = EmbeddingBagCollection(
             tables=embedding_bag_configs(schema, embedding_dim),
-            device=torch.device(device) if device is not None else None,
+            device=torch.device(table_device) if table_device is not None else None,
         )
         # RecBole's float-field embedding: E_dense[b, j] = x[b, j] * v_j. No
         # parameter without dense features: an unused parameter never gets

@@ -171,7 +171,10 @@ class PhaseTrainer:
             return PhaseResult.from_dict(latest.meta["result"])
 
         torch.manual_seed(train.seed)
-        model = KDDAGFM(self.schema, self.config.model)
+        table_device = (
+            "meta" if self.config.distributed.table_init == "sharded" else None
+        )
+        model = KDDAGFM(self.schema, self.config.model, table_device=table_device)
         self.engine = self.make_engine(model, self.phase)
         self._log_model()
         reader = self._reader("train", training=True)
