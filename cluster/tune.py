@@ -432,14 +432,13 @@ def run_tune(
         ),
     )
     grid = tuner.fit()
+    results = [grid[index] for index in range(len(grid))]
 
     names = [p.name for p in space]
-    rows = []
-    for result in grid:
-        rows.append(_result_row(result, names, options.metric))
+    rows = [_result_row(result, names, options.metric) for result in results]
     reported = [r for r in rows if r[options.metric] is not None]
     if not reported:
-        errors = [str(r.error) for r in grid if r.error is not None][:3]
+        errors = [str(r.error) for r in results if r.error is not None][:3]
         raise ConfigError(
             f"no trial of {directory} reported a result; first errors: {errors}"
         )

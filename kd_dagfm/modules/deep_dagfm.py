@@ -52,5 +52,7 @@ class DeepDAGFM(DAGFM):
         Returns:
             logits: (B,).
         """
-        summed = torch.stack(self.layer_states(embeddings)).sum(dim=0)  # (B, F, D)
-        return self.mlp(summed.flatten(start_dim=1)).squeeze(-1)  # (B,)
+        states = self._batch_last_states(embeddings)  # each (F, D, B)
+        summed = torch.stack(states).sum(dim=0)  # (F, D, B)
+        flat = summed.permute(2, 0, 1).reshape(embeddings.shape[0], -1)  # (B, F * D)
+        return self.mlp(flat).squeeze(-1)  # (B,)
