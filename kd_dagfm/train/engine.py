@@ -87,7 +87,10 @@ class LocalEngine:
         if dense:
             self.optimizers.append(
                 torch.optim.Adam(
-                    dense, lr=config.learning_rate, weight_decay=config.weight_decay
+                    dense,
+                    lr=config.learning_rate,
+                    weight_decay=config.weight_decay,
+                    fused=_can_fuse(dense),
                 )
             )
         if embedding:
@@ -133,7 +136,7 @@ def _embedding_optimizer(
     name: str, parameters: list[nn.Parameter], lr: float
 ) -> torch.optim.Optimizer:
     if name == "adam":
-        return torch.optim.Adam(parameters, lr=lr)
+        return torch.optim.Adam(parameters, lr=lr, fused=_can_fuse(parameters))
     if name == "adagrad":
         return torch.optim.Adagrad(parameters, lr=lr)
     if name == "sgd":
@@ -142,4 +145,12 @@ def _embedding_optimizer(
         f"embedding_optimizer {name!r} needs TorchRec's fused kernels, which only run "
         "under DistributedModelParallel; use adam, adagrad or sgd in a single process, "
         "or run with num_workers >= 1 through the distributed runner"
+    )
+
+
+def _can_fuse(parameters: list[nn.Parameter]) -> bool:
+    """Whether Adam's fused kernel (one kernel for all tensors, PyTorch >= 2.4
+    on CPU) supports every parameter: floating point, on CPU or CUDA."""
+    return all(
+        p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in parameters
     )
