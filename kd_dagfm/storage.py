@@ -21,8 +21,9 @@ from fsspec.core import url_to_fs
 
 from kd_dagfm.errors import StorageError
 
-# botocore's "standard" retry mode: attempts per request, each retry after
-# rand(0, 1) * 2**attempt * base seconds (base 1 for throttling, else 0.05).
+# botocore's "standard" retry mode: attempts per request, the first included;
+# retry i waits rand(0, 1) * base * 2**i seconds (base 1 after throttling,
+# else 0.05; botocore 1.43).
 S3_REQUEST_ATTEMPTS = 3
 # s3fs retries a whole request (its own backoff 0.1 s, 0.17 s, ...) on
 # timeouts and truncated bodies, around botocore's attempts.
@@ -46,6 +47,8 @@ def filesystem(
     if is_s3(url):
         storage_options = {**s3_options(), **storage_options}
     fs, path = url_to_fs(url, **storage_options)
+    if is_s3(url):
+        fs.retries = S3FS_RETRIES  # a class attribute of S3FileSystem, not an option
     return fs, path
 
 
@@ -62,9 +65,8 @@ def s3_options() -> dict[str, Any]:
     options: a changed ``AWS_ENDPOINT_URL`` must give a new instance.
     """
     options: dict[str, Any] = {
-        "retries": S3FS_RETRIES,
         "config_kwargs": {
-            "retries": {"max_attempts": S3_REQUEST_ATTEMPTS, "mode": "standard"},
+            "retries": {"total_max_attempts": S3_REQUEST_ATTEMPTS, "mode": "standard"},
             "connect_timeout": S3_CONNECT_TIMEOUT_S,
             "read_timeout": S3_READ_TIMEOUT_S,
         },
@@ -132,7 +134,9 @@ def storage_error(url: str, action: str, error: BaseException) -> StorageError:
     if is_s3(url):
         endpoint = s3_endpoint() or "the default AWS endpoint"
         attempts = S3_REQUEST_ATTEMPTS * S3FS_RETRIES
-        where = f"{url} (S3 endpoint {endpoint}, {attempts} attempts with backoff)"
+        where = (
+            f"{url} (S3 endpoint {endpoint}, up to {attempts} attempts with backoff)"
+        )
     return StorageError(
         f"failed to {action} {where}: {type(cause).__name__}: {cause}. Check that "
         "the endpoint is reachable (AWS_ENDPOINT_URL for S3-compatible servers) "

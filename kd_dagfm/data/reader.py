@@ -46,6 +46,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from kd_dagfm.config import BAD_ROW_POLICIES, BAD_SHARD_POLICIES, REMAINDER_POLICIES
 from kd_dagfm.data.batch import Batch, BatchAssembler, RowGroupArrays
 from kd_dagfm.data.validation import check_shard_schema, find_invalid_rows
 from kd_dagfm.errors import ConfigError, DataError, SchemaError
@@ -54,9 +55,6 @@ from kd_dagfm.storage import filesystem, is_remote, join, storage_error, transpo
 
 logger = logging.getLogger(__name__)
 
-REMAINDER_POLICIES = ("drop", "keep")
-BAD_ROW_POLICIES = ("error", "skip")
-BAD_SHARD_POLICIES = ("error", "skip")
 # Parallel footer reads when listing a split on an object store.
 _FOOTER_THREADS = 16
 # Open shards kept by one reader; a rank reads its row groups mostly shard
@@ -224,12 +222,14 @@ class ParquetSplit:
                     self.units.append(RowGroupUnit(shard, index, rows))
         self.num_rows = sum(u.num_rows for u in self.units)
         if self.num_rows == 0:
+            detail = "".join(
+                f"; {s.shard}: {s.reason}" for s in self.skipped_shards[:3]
+            )
             raise DataError(
                 f"split {split!r} of dataset {dataset!r} has no rows: "
                 f"{len(shards)} shard(s), {len(self.empty_shards)} empty, "
-                f"{len(self.skipped_shards)} skipped as unreadable or mismatched "
-                f"({'; '.join(f'{s.shard}: {s.reason}' for s in self.skipped_shards[:3])}); "
-                "an empty split cannot be trained or evaluated on"
+                f"{len(self.skipped_shards)} skipped as unreadable or mismatched"
+                f"{detail}. An empty split cannot be trained or evaluated on"
             )
 
     def _list_shards(self) -> list[str]:
@@ -282,7 +282,8 @@ class ParquetSplit:
                 raise
             return SkippedShard(
                 shard,
-                f"not a readable Parquet file ({e}); it may be truncated or corrupt",
+                f"shard {shard} is not a readable Parquet file ({_one_line(e)}); it "
+                "may be truncated or corrupt",
             )
         try:
             check_shard_schema(arrow_schema, self.schema, shard)
@@ -386,7 +387,7 @@ class ParquetSplit:
                 raise storage_error(self._url(unit.shard), "read", e) from None
             if not isinstance(e, (pa.ArrowException, OSError)):
                 raise
-            reason = f"failed to decode ({e})"
+            reason = f"failed to decode ({_one_line(e)})"
         else:
             if table.num_rows == unit.num_rows:
                 return table
@@ -753,6 +754,10 @@ def _take_valid(
         return window[keep], len(window)
     consumed = int(np.searchsorted(taken, need)) + 1
     return window[:consumed][keep[:consumed]], consumed
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
 
 
 def _name_key(name: str) -> int:

@@ -119,7 +119,7 @@ class DatasetWriter:
 
     def close(self) -> None:
         for split in SPLITS:
-            if self._pending_rows[split]:
+            while self._pending_rows[split]:
                 self._flush_row_group(split, self._pending_rows[split])
             self._close_shard(split)
             if not self.fs.exists(join(self.path, split)):
@@ -176,10 +176,14 @@ class DatasetWriter:
         if not has_schema and not leftovers:
             return
         if not overwrite:
-            what = "a dataset" if has_schema else "shards of an unfinished conversion"
+            what = (
+                "a dataset already exists"
+                if has_schema
+                else "shards of an unfinished conversion already exist"
+            )
             raise DataError(
-                f"{what} already exists at {self.root!r}; choose another output "
-                "directory or pass overwrite=True (--overwrite) to replace it"
+                f"{what} at {self.root!r}; choose another output directory or pass "
+                "overwrite=True (--overwrite) to replace it"
             )
         for split in SPLITS:
             if self.fs.exists(join(self.path, split)):
@@ -188,23 +192,26 @@ class DatasetWriter:
             self.fs.rm(schema_path)
 
     def _flush_row_group(self, split: str, rows: int) -> None:
+        """Write one row group of up to ``rows`` pending rows.
+
+        A row group never spans shards: when the open shard has less room,
+        the row group is cut there and the rest stays pending, so the next
+        shard starts with full row groups.
+        """
+        if split not in self._writers:
+            self._open_shard(split)
+        rows = min(rows, self.rows_per_shard - self._shard_rows[split])
         # concat_tables and slice are zero-copy, so a large table written at
         # once costs no copy per row group.
         table = pa.concat_tables(self._pending[split])
         head, rest = table.slice(0, rows), table.slice(rows)
         self._pending[split] = [rest] if rest.num_rows else []
         self._pending_rows[split] = rest.num_rows
-        while head.num_rows:
-            if split not in self._writers:
-                self._open_shard(split)
-            room = self.rows_per_shard - self._shard_rows[split]
-            part = head.slice(0, room)
-            self._writers[split].write_table(part, row_group_size=self.row_group_rows)
-            self._shard_rows[split] += part.num_rows
-            self.rows_written[split] += part.num_rows
-            head = head.slice(part.num_rows)
-            if self._shard_rows[split] >= self.rows_per_shard:
-                self._close_shard(split)
+        self._writers[split].write_table(head, row_group_size=rows)
+        self._shard_rows[split] += rows
+        self.rows_written[split] += rows
+        if self._shard_rows[split] >= self.rows_per_shard:
+            self._close_shard(split)
 
     def _open_shard(self, split: str) -> None:
         index = self._shard_index.get(split, 0)
