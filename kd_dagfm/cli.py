@@ -159,7 +159,37 @@ def cmd_convert(args: argparse.Namespace) -> int:
             )
         )
         return 0
+    if args.format in ("criteo", "avazu"):
+        return _convert_click_log(args)
     raise KDDAGFMError(f"unknown format {args.format!r}")
+
+
+def _convert_click_log(args: argparse.Namespace) -> int:
+    from kd_dagfm.data.avazu import convert_avazu
+    from kd_dagfm.data.convert import CategoricalEncoding, ConvertOptions
+    from kd_dagfm.data.criteo import convert_criteo
+
+    options = ConvertOptions(
+        encoding=CategoricalEncoding(
+            method=args.encoding,
+            hash_num_embeddings=args.hash_num_embeddings,
+            min_count=args.min_count,
+        ),
+        seed=args.seed,
+        rows_per_shard=args.rows_per_shard,
+        row_group_rows=args.row_group_rows,
+        shuffle_buffer_rows=args.shuffle_buffer_rows,
+        bad_lines=args.bad_lines,
+        overwrite=args.overwrite,
+    )
+    if args.format == "criteo":
+        summary = convert_criteo(
+            args.input, args.output, options, args.integer_bucketing
+        )
+    else:
+        summary = convert_avazu(args.input, args.output, options)
+    print(json.dumps({"output": args.output, **summary.to_dict()}))
+    return 0
 
 
 def cmd_render_k8s(args: argparse.Namespace) -> int:
@@ -227,7 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     convert = commands.add_parser(
         "convert", help="convert raw data to a Parquet dataset"
     )
-    convert.add_argument("format", choices=["recbole"], help="input format")
+    convert.add_argument(
+        "format", choices=["recbole", "criteo", "avazu"], help="input format"
+    )
     convert.add_argument("--input", required=True, help="input directory or file")
     convert.add_argument(
         "--output", required=True, help="dataset directory or URL to write"
@@ -237,6 +269,49 @@ def build_parser() -> argparse.ArgumentParser:
     )
     convert.add_argument(
         "--overwrite", action="store_true", help="replace an existing dataset"
+    )
+    logs = convert.add_argument_group("criteo and avazu")
+    logs.add_argument(
+        "--encoding",
+        choices=["hash", "vocab"],
+        default="hash",
+        help="categorical tokens to ids: hash (one pass) or vocab (two passes)",
+    )
+    logs.add_argument(
+        "--hash-num-embeddings",
+        type=int,
+        default=1 << 20,
+        help="hash: embedding rows per categorical feature, id 0 (missing) included",
+    )
+    logs.add_argument(
+        "--min-count",
+        type=int,
+        default=10,
+        help="vocab: occurrences a token needs for its own id (rarer ones share id 1)",
+    )
+    logs.add_argument(
+        "--integer-bucketing",
+        choices=["log2", "log_squared"],
+        default="log2",
+        help="criteo: buckets of the I1-I13 counts",
+    )
+    logs.add_argument(
+        "--rows-per-shard", type=int, default=1_000_000, help="rows per Parquet file"
+    )
+    logs.add_argument(
+        "--row-group-rows", type=int, default=65_536, help="rows per row group"
+    )
+    logs.add_argument(
+        "--shuffle-buffer-rows",
+        type=int,
+        default=1_000_000,
+        help="training rows shuffled together before they are written",
+    )
+    logs.add_argument(
+        "--bad-lines",
+        choices=["error", "skip"],
+        default="error",
+        help="malformed lines and non-0/1 labels: error (stop) or skip (count)",
     )
     convert.set_defaults(func=cmd_convert)
 
