@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
@@ -17,7 +19,8 @@ def flops_per_example(tower: nn.Module, num_fields: int, embedding_dim: int) -> 
     uncounted elementwise work is at most ~F * D per layer (estimate).
     """
     batch = 64
-    embeddings = torch.zeros(batch, num_fields, embedding_dim)
+    device = next(tower.parameters()).device
+    embeddings = torch.zeros(batch, num_fields, embedding_dim, device=device)
     counter = FlopCounterMode(display=False)
     was_training = tower.training
     tower.eval()
@@ -29,3 +32,13 @@ def flops_per_example(tower: nn.Module, num_fields: int, embedding_dim: int) -> 
 
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+def count_state_elements(module: nn.Module) -> int:
+    """Elements of ``module``'s state dict, counting sharded tables whole.
+
+    A sharded module's parameters are this rank's shards only, while its
+    state-dict entries (ShardedTensors) have the global size.
+    """
+    # ShardedTensor has no numel(); its size() is the global one.
+    return sum(math.prod(t.size()) for t in module.state_dict().values())

@@ -15,13 +15,19 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.utils._pytree as pytree
 from torch import nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec.distributed import DistributedModelParallel
+from torchrec.distributed.comm_ops import get_gradient_division
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.optim import RowWiseAdagrad
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
-from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
+from torchrec.optim.keyed import (
+    CombinedOptimizer,
+    KeyedOptimizer,
+    KeyedOptimizerWrapper,
+)
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from kd_dagfm.config import RunConfig
@@ -35,7 +41,7 @@ from kd_dagfm.distributed.planning import (
 )
 from kd_dagfm.distributed.process_group import local_world_size, rank_device
 from kd_dagfm.errors import CheckpointError, ConfigError
-from kd_dagfm.model import KDDAGFM
+from kd_dagfm.model import KDDAGFM, ModelOutput
 from kd_dagfm.phases import Phase
 from kd_dagfm.train.engine import Engine, split_parameters
 from kd_dagfm.train.trainer import EngineFactory
@@ -95,28 +101,33 @@ class DMPEngine:
         self.embedding_optimizer = train.embedding_optimizer
         fused_class = _fused_optimizer_class(train.embedding_optimizer, self.device)
 
+        _register_model_output()
         split_parameters(model, phase)
-        tables = list(model.sparse_arch.embedding_bag_collection.parameters())
-        for table in tables:
+        ebc = model.sparse_arch.embedding_bag_collection
+        embedding_lr = train.embedding_learning_rate or train.learning_rate
+        for table in ebc.parameters():
             # The fused kernel is attached through a gradient hook, which
             # needs requires_grad; distillation's no_grad keeps tables fixed.
             table.requires_grad_(True)
         apply_optimizer_in_backward(
             fused_class,
-            tables,
-            {"lr": train.embedding_learning_rate or train.learning_rate},
+            ebc.parameters(),
+            _embedding_optimizer_kwargs(self.embedding_optimizer, embedding_lr),
         )
 
         # DistributedModelParallel allocates and initialises the sharded tables
         # itself; copy the model's weights in, so a sharded run starts from the
         # same (seeded) weights as a single-process one.
+        # Tables built on the meta device have no weights to copy; the
+        # sharded module then initialises its shards itself.
         initial_tables = {
             f"{EBC_PATH}.{name}": tensor.detach().clone()
-            for name, tensor in model.sparse_arch.embedding_bag_collection.state_dict().items()
+            for name, tensor in ebc.state_dict().items()
+            if not tensor.is_meta
         }
         table_shapes = {
             c.name: (c.num_embeddings, c.embedding_dim)
-            for c in model.sparse_arch.embedding_bag_collection.embedding_bag_configs()
+            for c in ebc.embedding_bag_configs()
         }
         sharder = EmbeddingBagCollectionSharder()
         plan = plan_sharding(
@@ -129,30 +140,58 @@ class DMPEngine:
             batch_size_per_rank=max(train.train_batch_size // self.world_size, 1),
         )
         self.plan = describe_plan(plan)
-        self.model: nn.Module = DistributedModelParallel(
+        dmp = DistributedModelParallel(
             model,
             device=self.device,
             plan=plan,
             sharders=[sharder],  # type: ignore[list-item]
         )
-        copy_into_state(initial_tables, self.model.state_dict())
-
-        dense = {
-            name: parameter
-            for name, parameter in in_backward_optimizer_filter(
-                self.model.named_parameters()
+        self.model: nn.Module = dmp
+        copy_into_state(initial_tables, dmp.state_dict())
+        # TorchRec divides the sharded tables' gradients by the world size in
+        # its backward all-to-all (comm_ops.GRADIENT_DIVISION, on by default)
+        # and DDP averages the rest, so a step on W ranks equals a
+        # single-process step on the global batch.
+        if not get_gradient_division():
+            raise ConfigError(
+                "torchrec.distributed.comm_ops.set_gradient_division(False) was "
+                "called; the sharded engine needs the default (True) so that table "
+                "gradients are averaged over ranks like the dense ones"
             )
-            if parameter.requires_grad
-        }
-        self.dense_optimizer = KeyedOptimizerWrapper(
-            dense,
-            lambda params: torch.optim.Adam(
-                params, lr=train.learning_rate, weight_decay=train.weight_decay
-            ),
+
+        # Sharded tables update in backward (dmp.fused_optimizer). Data-parallel
+        # tables use TorchRec's dense kernel, whose gradients DDP all-reduces;
+        # they get the same optimizer as a torch optimizer after backward.
+        dense: dict[str, Any] = {}
+        replicated_tables: dict[str, Any] = {}
+        for name, parameter in in_backward_optimizer_filter(dmp.named_parameters()):
+            if name.startswith(EBC_PATH + "."):
+                replicated_tables[name] = parameter
+            elif parameter.requires_grad:
+                dense[name] = parameter
+        self.stepped_optimizers: list[KeyedOptimizer] = [
+            KeyedOptimizerWrapper(
+                dense,
+                lambda params: torch.optim.Adam(
+                    params, lr=train.learning_rate, weight_decay=train.weight_decay
+                ),
+            )
+        ]
+        if replicated_tables:
+            self.stepped_optimizers.append(
+                KeyedOptimizerWrapper(
+                    replicated_tables,
+                    lambda params: fused_class(
+                        params,
+                        **_embedding_optimizer_kwargs(
+                            self.embedding_optimizer, embedding_lr
+                        ),
+                    ),
+                )
+            )
+        self.optimizer = CombinedOptimizer(
+            [dmp.fused_optimizer, *self.stepped_optimizers]
         )
-        dmp = self.model
-        assert isinstance(dmp, DistributedModelParallel)
-        self.optimizer = CombinedOptimizer([dmp.fused_optimizer, self.dense_optimizer])
         self._log_plan(table_shapes)
 
     @property
@@ -165,9 +204,11 @@ class DMPEngine:
 
     def optimize(self, loss: torch.Tensor) -> None:
         # The fused table optimizers step inside backward().
-        self.dense_optimizer.zero_grad()
+        for optimizer in self.stepped_optimizers:
+            optimizer.zero_grad()
         loss.backward()
-        self.dense_optimizer.step()
+        for optimizer in self.stepped_optimizers:
+            optimizer.step()
 
     def model_state(self) -> dict[str, Any]:
         return self.model.state_dict()
@@ -180,9 +221,10 @@ class DMPEngine:
         saved key (an absent key is silently not loaded). The model weights a
         weight-decay step moves are loaded from the same checkpoint afterwards.
         """
-        if not self.dense_optimizer.state:
-            self.dense_optimizer.init_state()
-            self.dense_optimizer.zero_grad()
+        for optimizer in self.stepped_optimizers:
+            if not optimizer.state:
+                optimizer.init_state()
+                optimizer.zero_grad()
         return self.optimizer.state_dict()
 
     def load_optimizer_state(self, state: dict[str, Any]) -> None:
@@ -221,6 +263,24 @@ class DMPEngine:
             self.embedding_optimizer,
             format_plan(self.plan, sizes, available),
         )
+
+
+def _register_model_output() -> None:
+    """Make ModelOutput a pytree node, so DDP sees the logits inside it.
+
+    DDP looks for the output's tensors with torch's pytree. With TorchRec's
+    default ``static_graph=True`` it queues the gradient all-reduce from an
+    autograd node it attaches to those tensors, so with an opaque output the
+    ranks' dense gradients are silently never averaged.
+    """
+    if ModelOutput not in pytree.SUPPORTED_NODES:
+        pytree.register_dataclass(ModelOutput)
+
+
+def _embedding_optimizer_kwargs(name: str, lr: float) -> dict[str, Any]:
+    # FBGEMM's default eps (1e-8) for both the fused kernels and the torch
+    # optimizers of data-parallel tables, so both update alike.
+    return {"lr": lr} if name == "sgd" else {"lr": lr, "eps": 1e-8}
 
 
 def copy_into_state(source: dict[str, torch.Tensor], state: dict[str, Any]) -> None:

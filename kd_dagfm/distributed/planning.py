@@ -289,15 +289,25 @@ def format_plan(
             f"{table} | {entry['sharding_type']} | {entry['compute_kernel']} | "
             f"{entry['ranks'] or 'all'} | {shards or 'full copy per rank'}"
         )
-    budget = f" of {available_bytes / 2**20:,.0f} MiB" if available_bytes else ""
+    budget = f" of {format_bytes(available_bytes)}" if available_bytes else ""
     lines.append(
         "embedding memory per rank (weights + optimizer state): "
         + ", ".join(
-            f"rank {rank} {size / 2**20:,.2f} MiB{budget}"
+            f"rank {rank} {format_bytes(size)}{budget}"
             for rank, size in enumerate(bytes_per_rank)
         )
     )
     return "\n".join(lines)
+
+
+def format_bytes(size: int) -> str:
+    """``size`` in B, KiB, MiB or GiB, whichever keeps the number below 1024."""
+    value = float(size)
+    for unit in ("B", "KiB", "MiB"):
+        if value < 1024:
+            return f"{value:,.1f} {unit}" if unit != "B" else f"{size} B"
+        value /= 1024
+    return f"{value:,.1f} GiB"
 
 
 def _rank() -> int:

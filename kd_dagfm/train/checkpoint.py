@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
 
 from kd_dagfm.errors import CheckpointError
@@ -370,6 +371,22 @@ def load_model_weights(info: CheckpointInfo, model_state: dict[str, Any]) -> Non
                     f"warm_up file {info.path!r}: {key} has shape "
                     f"{tuple(saved[key].shape)}, the model expects {tuple(tensor.shape)}"
                 )
-            tensor.copy_(saved[key])
+            _copy_full_tensor(saved[key], tensor)
         return
     load_state(info.path, {"model": model_state})
+
+
+def _copy_full_tensor(source: torch.Tensor, target: torch.Tensor) -> None:
+    """Copy ``source`` into ``target``; a ShardedTensor receives in each local
+    shard the slice of ``source`` at that shard's offsets."""
+    if not isinstance(target, ShardedTensor):
+        target.copy_(source)
+        return
+    for shard in target.local_shards():
+        index = tuple(
+            slice(offset, offset + size)
+            for offset, size in zip(
+                shard.metadata.shard_offsets, shard.metadata.shard_sizes
+            )
+        )
+        shard.tensor.detach().copy_(source[index])

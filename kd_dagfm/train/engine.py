@@ -18,7 +18,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from kd_dagfm.config import TrainConfig
-from kd_dagfm.errors import ConfigError
+from kd_dagfm.errors import CheckpointError, ConfigError
 from kd_dagfm.model import KDDAGFM
 from kd_dagfm.phases import Phase
 
@@ -43,6 +43,11 @@ class Engine(Protocol):
     def load_optimizer_state(self, state: dict[str, Any]) -> None: ...
 
     def describe(self) -> dict[str, Any]: ...
+
+    def check_resume(self, meta: dict[str, Any]) -> None:
+        """Raise CheckpointError when the optimizer state of the checkpoint
+        with this meta.json cannot be loaded into this engine."""
+        ...
 
 
 def split_parameters(
@@ -130,6 +135,16 @@ class LocalEngine:
 
     def describe(self) -> dict[str, Any]:
         return {"engine": "local", "device": str(self.device), "world_size": 1}
+
+    def check_resume(self, meta: dict[str, Any]) -> None:
+        engine = meta.get("engine", {}).get("engine", "local")
+        if engine != "local":
+            raise CheckpointError(
+                f"the checkpoint was written by the {engine!r} engine on "
+                f"{meta.get('world_size')} ranks; its optimizer state has another "
+                "layout than a single process's. Resume it with the distributed "
+                "runner, or start the phase again from its warm_up"
+            )
 
 
 def _embedding_optimizer(

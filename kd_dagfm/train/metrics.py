@@ -25,21 +25,23 @@ class BinaryCTRMetrics:
     than one rank's part.
     """
 
-    def __init__(self) -> None:
-        self.auc = BinaryAUROC(thresholds=None)
-        self.log_loss = MeanMetric()
+    def __init__(self, device: torch.device | None = None) -> None:
+        # NCCL gathers only CUDA tensors, so the state lives on the rank's device.
+        self.device = device or torch.device("cpu")
+        self.auc = BinaryAUROC(thresholds=None).to(self.device)
+        self.log_loss = MeanMetric().to(self.device)
         self.examples = 0
 
     def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
-        logits = logits.detach().float().cpu()
-        labels = labels.detach().float().cpu()
+        logits = logits.detach().float().to(self.device)
+        labels = labels.detach().float().to(self.device)
         self.auc.update(torch.sigmoid(logits), labels.long())
         losses = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")
         self.log_loss.update(losses)
         self.examples += int(labels.numel())
 
     def compute(self) -> EvalResult:
-        examples = torch.tensor(self.examples)
+        examples = torch.tensor(self.examples, device=self.device)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(examples)
         return EvalResult(

@@ -22,7 +22,7 @@ from kd_dagfm.config import RunConfig
 from kd_dagfm.data.batch import Batch
 from kd_dagfm.data.reader import ParquetSplit, ReaderState, SplitReader
 from kd_dagfm.errors import CheckpointError, ConfigError
-from kd_dagfm.flops import count_parameters, flops_per_example
+from kd_dagfm.flops import count_parameters, count_state_elements, flops_per_example
 from kd_dagfm.model import KDDAGFM, STUDENT_NAMES, TEACHER_NAMES, evaluated_logits
 from kd_dagfm.objective import KDObjective
 from kd_dagfm.phases import Phase
@@ -269,13 +269,13 @@ class PhaseTrainer:
         check_compatible(
             latest.meta, self.config, self.schema, f"checkpoint {latest.path}"
         )
+        self.engine.check_resume(latest.meta)
+        optimizer_state = self.engine.optimizer_state()
         load_state(
             latest.path,
-            {
-                "model": self.engine.model_state(),
-                "optimizer": self.engine.optimizer_state(),
-            },
+            {"model": self.engine.model_state(), "optimizer": optimizer_state},
         )
+        self.engine.load_optimizer_state(optimizer_state)
         state = TrainerState.from_dict(latest.meta["trainer"])
         if state.best_seq is None and state.best_epoch >= 0:
             # An epoch checkpoint that improved the valid AUC holds the best
@@ -404,9 +404,16 @@ class PhaseTrainer:
         """AUC and log loss of the phase's evaluated model over the whole split."""
         model = self.engine.model
         model.eval()
-        metrics = BinaryCTRMetrics()
+        metrics = BinaryCTRMetrics(self.engine.device)
+        batches = self._reader(split, training=False).epoch()
+        steps: Iterable[tuple[Batch, int]] = ((b, len(b)) for b in batches)
+        if self.engine.world_size > 1:
+            # Sharded forward passes are collective: pad to equal steps.
+            from kd_dagfm.distributed.alignment import aligned_batches
+
+            steps = aligned_batches(batches, self.schema, self.engine.device)
         with torch.no_grad():
-            for batch in self._reader(split, training=False).epoch():
+            for batch, rows in steps:
                 batch = batch.to(self.engine.device)
                 output = model(
                     batch.sparse_features,
@@ -414,7 +421,8 @@ class PhaseTrainer:
                     self.phase,
                     teacher_logits=batch.teacher_logits,
                 )
-                metrics.update(evaluated_logits(output, self.phase), batch.labels)
+                logits = evaluated_logits(output, self.phase)
+                metrics.update(logits[:rows], batch.labels[:rows])
         return metrics.compute()
 
     def _save(
@@ -475,7 +483,7 @@ class PhaseTrainer:
             phase=self.phase,
             model_name=model_name(self.config, self.phase),
             tower_parameters=count_parameters(tower),
-            embedding_parameters=count_parameters(model.sparse_arch),
+            embedding_parameters=count_state_elements(model.sparse_arch),
             flops_per_example=flops_per_example(
                 tower, self.schema.num_fields, self.config.model.embedding_size
             ),
@@ -488,7 +496,7 @@ class PhaseTrainer:
             checkpoint=self.directory,
         )
         info = self._save(state, reader, kind="final", result=result)
-        if self.engine.world_size == 1:
+        if self.engine.describe().get("engine") == "local":
             export_model_file(
                 join(self.directory, "model.pt"),
                 self.engine.model_state(),
