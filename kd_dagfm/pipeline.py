@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -148,6 +149,10 @@ def run_pipeline(
         results.append(
             PhaseTrainer(phase_config, phase, schema, dataset, make_engine).run()
         )
+        # The finished phase's engine (sharded tables, optimizer hooks) is kept
+        # alive by reference cycles; collect it before the next phase allocates
+        # its own tables, or every phase adds a full copy of them.
+        gc.collect()
         if on_phase_end is not None:
             on_phase_end(results[-1])
     return results
