@@ -8,14 +8,19 @@ per line (RecBole 1.2.1, ``HyperTuning._build_space_from_file``)::
     alpha uniform 0.05,0.5
     depth quniform 1,4,1
 
-``choice`` takes a Python list literal; ``uniform a,b`` samples [a, b];
-``quniform a,b,q`` samples [a, b] rounded to multiples of q; ``loguniform
-a,b`` samples exp(uniform(a, b)), so its bounds are natural logarithms, as in
-hyperopt's ``hp.loguniform`` that RecBole uses (``-8,0`` covers
-[3.4e-4, 1]). Everything after the second word is joined without spaces,
-as RecBole does. Blank lines and lines starting with ``#`` are ignored; any
-other line that does not parse is an error naming its line number and text
-(RecBole skips lines of fewer than three words silently).
+The types:
+
+- ``choice [v1, v2, ...]``: a Python list literal of values.
+- ``uniform a,b``: a float drawn from [a, b].
+- ``quniform a,b,q``: a float drawn from [a, b], rounded to a multiple of q.
+- ``loguniform a,b``: exp(x) for x drawn from [a, b]. The bounds are natural
+  logarithms because RecBole passes them to hyperopt's ``hp.loguniform``, so
+  ``-8,0`` covers [3.4e-4, 1].
+
+As in RecBole, the words after the type are joined without spaces. Blank
+lines and lines starting with ``#`` are skipped. Any other line that does not
+parse is an error naming its line number and text, where RecBole silently
+skips lines of fewer than three words.
 
 The same space as YAML takes either RecBole's ``params_dict`` layout
 (``{loguniform: {learning_rate: [-8, 0]}, choice: {embedding_size: [8, 16]}}``)
@@ -79,7 +84,7 @@ class SearchParameter:
     source: str
 
     def domain(self, search: str) -> Any:
-        """The Ray Tune search domain of this parameter."""
+        """Return the Ray Tune search domain of this parameter."""
         from ray import tune
 
         if self.kind == "choice":
@@ -285,7 +290,7 @@ def _checked(parameters: list[SearchParameter], source: str) -> list[SearchParam
 
 @dataclasses.dataclass(frozen=True)
 class TuneOptions:
-    """How a search runs.
+    """Search settings.
 
     Attributes:
         name: experiment name; results go to ``<output_dir>/tune/<name>``.
@@ -500,7 +505,7 @@ def _run_trial(
 
 
 def _result_row(result: Any, names: list[str], metric: str) -> dict[str, Any]:
-    """One table row from a Ray Tune Result."""
+    """Build one table row from a Ray Tune Result."""
     params = {name: result.config.get(name) for name in names}
     history = result.metrics_dataframe
     last = result.metrics or {}
@@ -533,7 +538,7 @@ def _sorted(rows: list[dict[str, Any]], metric: str, mode: str) -> list[dict[str
 
 
 def format_table(rows: list[dict[str, Any]], names: list[str], metric: str) -> str:
-    """A plain-text table, best trial first."""
+    """Format the rows as a plain-text table, best trial first."""
     columns = ["trial", *names, "status", "epochs", "valid_auc", "valid_log_loss"]
     columns += ["test_auc", "test_log_loss"]
 
@@ -605,7 +610,7 @@ def _absolute_paths(config: RunConfig) -> RunConfig:
 
 
 def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``kd-dagfm tune`` options (config flags are added separately)."""
+    """Add the ``kd-dagfm tune`` options (the config flags are added separately)."""
     group = parser.add_argument_group("tune")
     group.add_argument(
         "--space",

@@ -66,7 +66,7 @@ def state_digest(module: nn.Module) -> str | None:
     """SHA-256 over the names, dtypes, shapes and bytes of a module's state.
 
     Returns None when a tensor is sharded (ShardedTensor or DTensor under
-    DistributedModelParallel), because no rank holds all of its bytes.
+    DistributedModelParallel), because no rank has all of its bytes.
     """
     digest = hashlib.sha256()
     for name, value in sorted(module.state_dict().items()):
@@ -86,7 +86,7 @@ class ShardRecord:
         name: file name in the split directory.
         size_bytes: file size, a cheap check that the shard was not rewritten.
         row_groups: (row group index, rows) of each non-empty row group, in
-            file order; cached row group k holds row_groups[k].
+            file order; cached row group k has the logits of row_groups[k].
     """
 
     name: str
@@ -110,7 +110,7 @@ class ShardRecord:
 
 
 def describe_split(split: ParquetSplit) -> list[ShardRecord]:
-    """The shards and row groups the reader uses for ``split``."""
+    """List the shards and row groups the reader uses for ``split``."""
     groups: dict[str, list[tuple[int, int]]] = {}
     for unit in split.units:
         groups.setdefault(unit.shard, []).append((unit.row_group, unit.num_rows))
@@ -187,8 +187,8 @@ class TeacherLogitCache:
     def check_teacher(
         self, model: KDDAGFM, config: RunConfig, schema: FeatureSchema
     ) -> None:
-        """Raise CheckpointError unless ``model`` holds the teacher the cache
-        was written with.
+        """Raise CheckpointError unless ``model`` has the teacher weights the
+        cache was written with.
 
         Compares the model config, the schema fingerprint and the SHA-256 of
         the teacher's weights; the embedding tables' digest is compared too
@@ -293,7 +293,8 @@ class TeacherLogitCache:
                 f"teacher_logits {self.root!r}: failed to read row group {index} of "
                 f"{split}/{unit.shard_name} ({e}); write the cache again"
             ) from None
-        logits = table.column(LOGIT_COLUMN).to_numpy().astype(np.float32, copy=False)
+        # A writable copy: torch.from_numpy warns on Arrow's read-only buffers.
+        logits = np.array(table.column(LOGIT_COLUMN).to_numpy(), dtype=np.float32)
         if len(logits) != unit.num_rows:
             raise DataError(
                 f"teacher_logits {self.root!r}: {split}/{unit.shard_name} row group "
@@ -343,8 +344,8 @@ def _cached_or_plain_split(
     cache: TeacherLogitCache,
     **kwargs: Any,
 ) -> ParquetSplit:
-    """A CachedLogitsSplit when the cache covers ``split``, else a ParquetSplit
-    (for which distillation runs the teacher)."""
+    """Return a CachedLogitsSplit when the cache covers ``split``, else a
+    ParquetSplit (for which distillation runs the teacher)."""
     if split not in cache.splits:
         logger.info(
             "teacher_logits %s has no %s split; the teacher runs on it",
@@ -357,7 +358,7 @@ def _cached_or_plain_split(
 
 @dataclasses.dataclass(frozen=True)
 class CacheSummary:
-    """What :func:`write_teacher_logits` wrote."""
+    """Summary of a cache written by :func:`write_teacher_logits`."""
 
     root: str
     rows: dict[str, int]
@@ -440,7 +441,7 @@ def write_teacher_logits(
     if fs.exists(join(root, MANIFEST_FILE)):
         if not overwrite:
             raise DataError(
-                f"{output!r} already holds a teacher-logit cache; pass overwrite "
+                f"{output!r} already contains a teacher-logit cache; pass overwrite "
                 "(--overwrite) to replace it, or choose another output"
             )
         fs.rm(join(root, MANIFEST_FILE))

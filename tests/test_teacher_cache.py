@@ -224,7 +224,7 @@ def test_existing_cache_needs_overwrite(handmade: dict[str, object]) -> None:
             splits=["train"],
             bad_rows="skip",
         )
-    assert "already holds a teacher-logit cache" in str(error.value)
+    assert "already contains a teacher-logit cache" in str(error.value)
 
 
 def test_changed_shard_is_rejected(handmade: dict[str, object], tmp_path: Path) -> None:
