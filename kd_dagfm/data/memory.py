@@ -4,8 +4,9 @@ For datasets that fit in RAM (MovieLens, samples, most validation splits)
 re-reading Parquet every epoch costs more than the model's step. Like
 RecBole, which keeps a dataset as tensors, :class:`InMemorySplit` decodes a
 split once through the streaming reader (same validation, bad-row policy
-and attached teacher logits) and :class:`InMemorySplitReader` builds each
-batch with a few ``index_select`` calls.
+and attached teacher logits). Each epoch :class:`InMemorySplitReader`
+copies the rank's rows into epoch order with one gather per column, and
+every batch is then a slice of that copy.
 
 Order: for epoch e every row of the split is permuted with a generator
 seeded by (seed, e), and rank r of W takes positions r, r + W, r + 2W, ...
@@ -54,8 +55,8 @@ class InMemorySplit:
         name: the split's name (train, valid or test), for messages.
         num_rows: N.
         single: (F_single X N) int64 ids of the ``sparse`` features, in
-            schema order; row-major per feature so a batch is one
-            ``index_select`` along dim 1.
+            schema order; each feature's ids are contiguous, so a batch's
+            ids of one feature are one slice.
         lists: (values int64, offsets (N + 1,) int64) per ``sparse_list``
             feature, in schema order.
         dense: (N X num_dense) float32.
@@ -145,47 +146,48 @@ class InMemorySplit:
             tensors.append(self.teacher_logits)
         return sum(t.numel() * t.element_size() for t in tensors)
 
-    def gather(self, rows: torch.Tensor) -> Batch:
-        """The batch of rows ``rows`` ((B,) int64 indices), in that order."""
-        batch_size = len(rows)
-        single = self.single.index_select(1, rows)  # (F_single, B)
-        if not self.lists:
-            num_keys = single.shape[0]
-            values = single.reshape(-1)  # key-major, as a KJT lays out its values
-            lengths = torch.ones(num_keys * batch_size, dtype=torch.int32)
-            length_per_key = [batch_size] * num_keys
-        else:
-            values, lengths, length_per_key = self._gather_mixed(single, rows)
-        offset_per_key = [0]
-        for length in length_per_key:
-            offset_per_key.append(offset_per_key[-1] + length)
-        sparse = KeyedJaggedTensor(
-            keys=[f.name for f in self.schema.sparse_features],
-            values=values,
-            lengths=lengths,
-            stride=batch_size,
-            length_per_key=length_per_key,
-            offset_per_key=offset_per_key,
-        )
-        return Batch(
-            sparse_features=sparse,
-            dense_features=self.dense.index_select(0, rows),
+    def take(self, rows: torch.Tensor) -> InMemorySplit:
+        """The split of rows ``rows`` ((N',) int64 indices), in that order.
+
+        One bulk gather per column: each column is read in one pass, which
+        costs far less than gathering the same rows batch by batch.
+        """
+        lists = []
+        for ids, offsets in self.lists:
+            starts = offsets.index_select(0, rows)
+            row_lengths = offsets.index_select(0, rows + 1) - starts
+            new_offsets = torch.zeros(len(rows) + 1, dtype=torch.int64)
+            torch.cumsum(row_lengths, dim=0, out=new_offsets[1:])
+            total = int(new_offsets[-1])
+            # Position of each selected id in ``ids``: its row's start plus
+            # its place within the row.
+            shift = torch.repeat_interleave(
+                starts - new_offsets[:-1], row_lengths, output_size=total
+            )
+            lists.append(
+                (ids.index_select(0, shift + torch.arange(total)), new_offsets)
+            )
+        return dataclasses.replace(
+            self,
+            num_rows=len(rows),
+            single=self.single.index_select(1, rows),
+            lists=tuple(lists),
+            dense=self.dense.index_select(0, rows),
             labels=self.labels.index_select(0, rows),
             teacher_logits=None
             if self.teacher_logits is None
             else self.teacher_logits.index_select(0, rows),
         )
 
-    def _gather_mixed(
-        self, single: torch.Tensor, rows: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-        """(values, lengths, length per key) when some features are lists."""
-        batch_size = len(rows)
-        ones = torch.ones(batch_size, dtype=torch.int32)
+    def batch(self, begin: int, end: int) -> Batch:
+        """The batch of rows ``begin .. end - 1``, sliced without a gather."""
+        batch_size = end - begin
+        single = self.single[:, begin:end]  # (F_single, B)
+        list_index = single_index = 0
         values: list[torch.Tensor] = []
         lengths: list[torch.Tensor] = []
         length_per_key: list[int] = []
-        single_index = list_index = 0
+        ones = torch.ones(batch_size, dtype=torch.int32)
         for feature in self.schema.sparse_features:
             if feature.kind is not FeatureKind.SPARSE_LIST:
                 values.append(single[single_index])
@@ -195,19 +197,33 @@ class InMemorySplit:
                 continue
             ids, offsets = self.lists[list_index]
             list_index += 1
-            starts = offsets.index_select(0, rows)
-            row_lengths = offsets.index_select(0, rows + 1) - starts
-            total = int(row_lengths.sum())
-            # Position of each selected id in ``ids``: its row's start plus
-            # its place within the row.
-            ends = torch.cumsum(row_lengths, dim=0)
-            shift = torch.repeat_interleave(
-                starts - (ends - row_lengths), row_lengths, output_size=total
-            )
-            values.append(ids.index_select(0, shift + torch.arange(total)))
-            lengths.append(row_lengths.to(torch.int32))
-            length_per_key.append(total)
-        return torch.cat(values), torch.cat(lengths), length_per_key
+            first, last = int(offsets[begin]), int(offsets[end])
+            values.append(ids[first:last])
+            lengths.append(torch.diff(offsets[begin : end + 1]).to(torch.int32))
+            length_per_key.append(last - first)
+        offset_per_key = [0]
+        for length in length_per_key:
+            offset_per_key.append(offset_per_key[-1] + length)
+        sparse = KeyedJaggedTensor(
+            keys=[f.name for f in self.schema.sparse_features],
+            # Key-major, as a KJT lays out its values: all rows of a feature,
+            # then all rows of the next.
+            values=torch.cat(values) if values else torch.zeros(0, dtype=torch.int64),
+            lengths=torch.cat(lengths)
+            if lengths
+            else torch.zeros(0, dtype=torch.int32),
+            stride=batch_size,
+            length_per_key=length_per_key,
+            offset_per_key=offset_per_key,
+        )
+        return Batch(
+            sparse_features=sparse,
+            dense_features=self.dense[begin:end],
+            labels=self.labels[begin:end],
+            teacher_logits=None
+            if self.teacher_logits is None
+            else self.teacher_logits[begin:end],
+        )
 
 
 class InMemorySplitReader:
@@ -310,11 +326,15 @@ class InMemorySplitReader:
         limit = self.batches_in_epoch()
         if limit is None:
             limit = -(-len(rows) // self.batch_size)
+        # This rank's rows of the epoch, copied once in epoch order, so each
+        # batch is a slice.
+        ordered = self.split.take(rows[start.batches * self.batch_size :])
         for index in range(start.batches, limit):
-            begin = index * self.batch_size
-            batch = self.split.gather(rows[begin : begin + self.batch_size])
+            begin = (index - start.batches) * self.batch_size
+            end = min(begin + self.batch_size, ordered.num_rows)
+            batch = ordered.batch(begin, end)
             self._state = dataclasses.replace(
-                start, row=begin + len(batch), batches=index + 1
+                start, row=index * self.batch_size + len(batch), batches=index + 1
             )
             yield batch
         self._state = self._start_of(start.epoch + 1, start.seed)
