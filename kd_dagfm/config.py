@@ -195,6 +195,11 @@ class TrainConfig:
         "jobs/cache_teacher_logits.py; the student learns from them and the "
         "teacher does not run",
     )
+    from_scratch: bool = _field(
+        False,
+        "finetuning only: train the student from freshly initialised weights "
+        "without warm_up, that is without a teacher (the no-distillation baseline)",
+    )
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "phase", Phase.parse(self.phase))
@@ -274,6 +279,11 @@ class DataConfig:
         256,
         "rows that stay together when a row group is shuffled each epoch; 1 "
         "permutes single rows (slower to read, see docs/BENCHMARKS.md)",
+    )
+    cache_in_memory: bool = _field(
+        False,
+        "decode each split once and serve batches from memory tensors, shuffling "
+        "all rows each epoch (for datasets that fit in RAM; see kd_dagfm/data/memory.py)",
     )
 
     def __post_init__(self) -> None:

@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from kd_dagfm.config import RunConfig
 from kd_dagfm.data.batch import Batch
+from kd_dagfm.data.memory import InMemorySplit, InMemorySplitReader
 from kd_dagfm.data.reader import ParquetSplit, ReaderState, SplitReader
 from kd_dagfm.errors import CheckpointError, ConfigError
 from kd_dagfm.flops import count_parameters, count_state_elements, flops_per_example
@@ -45,6 +46,8 @@ logger = logging.getLogger(__name__)
 EngineFactory = Callable[[KDDAGFM, Phase], Engine]
 # Called after each epoch's validation with (epoch, valid metrics).
 EpochCallback = Callable[[int, EvalResult], None]
+# The streaming Parquet reader, or the in-memory one (data.cache_in_memory).
+TrainReader = SplitReader | InMemorySplitReader
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +66,10 @@ class PhaseResult:
     epochs: int
     best_epoch: int
     checkpoint: str
+    # One entry per epoch trained: epoch, train_loss (mean over the rank's
+    # steps), valid_auc, valid_log_loss, train_time_s, train_cpu_s,
+    # examples_per_s (rank 0's wall clock, all ranks' examples).
+    history: list[dict[str, float]] = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -148,6 +155,7 @@ class PhaseTrainer:
         if phase is Phase.DISTILLATION and config.train.teacher_logits:
             self.teacher_cache = TeacherLogitCache.open(config.train.teacher_logits)
         self.directory = phase_directory(config, phase)
+        self._memory_splits: dict[str, InMemorySplit] = {}
         self.checkpoints = CheckpointManager(
             join(self.directory, "checkpoints"), config.train.keep_last_checkpoints
         )
@@ -204,7 +212,7 @@ class PhaseTrainer:
             self.engine.describe(),
         )
 
-    def _reader(self, split: str, training: bool) -> SplitReader:
+    def _reader(self, split: str, training: bool) -> TrainReader:
         data = self.config.data
         train = self.config.train
         world = self.engine.world_size
@@ -219,6 +227,22 @@ class PhaseTrainer:
             if self.teacher_cache is None
             else self.teacher_cache.split_type
         )
+        if data.cache_in_memory:
+            if split not in self._memory_splits:
+                self._memory_splits[split] = self._load_in_memory(
+                    split_type(
+                        self.dataset, split, self.schema, bad_shards=data.bad_shards
+                    )
+                )
+            return InMemorySplitReader(
+                self._memory_splits[split],
+                batch_size=batch_size // world if training else batch_size,
+                rank=self.engine.rank,
+                world_size=world,
+                seed=train.seed,
+                shuffle=data.shuffle and training,
+                remainder=data.remainder if training else "keep",
+            )
         return SplitReader(
             split_type(self.dataset, split, self.schema, bad_shards=data.bad_shards),
             batch_size=batch_size // world if training else batch_size,
@@ -232,9 +256,39 @@ class PhaseTrainer:
             shuffle_block_rows=data.shuffle_block_rows,
         )
 
+    def _load_in_memory(self, split: ParquetSplit) -> InMemorySplit:
+        started = time.perf_counter()
+        memory = InMemorySplit.load(split, bad_rows=self.config.data.bad_rows)
+        logger.info(
+            "%s: split %s kept in memory: %d rows, %.1f MiB, decoded in %.2f s",
+            self.phase.value,
+            split.split,
+            memory.num_rows,
+            memory.nbytes / 2**20,
+            time.perf_counter() - started,
+        )
+        return memory
+
     def _warm_start(self) -> None:
         warm_up = self.config.train.warm_up
         previous = self.phase.previous
+        if self.config.train.from_scratch:
+            if self.phase is not Phase.FINETUNING:
+                raise ConfigError(
+                    f"from_scratch is set for {self.phase.value}; it applies to "
+                    "finetuning only (the student trained without a teacher). "
+                    "Unset from_scratch, or run --phase finetuning"
+                )
+            if warm_up:
+                raise ConfigError(
+                    f"from_scratch trains the student from fresh weights, but "
+                    f"warm_up={warm_up!r} is also set; unset one of them"
+                )
+            logger.info(
+                "finetuning from scratch: the student starts from fresh weights, "
+                "without a teacher"
+            )
+            return
         if previous is None:
             if warm_up:
                 raise ConfigError(
@@ -265,7 +319,7 @@ class PhaseTrainer:
         load_model_weights(info, self.engine.model_state())
         logger.info("%s: warm-started from %s", self.phase.value, info.path)
 
-    def _resume(self, latest: CheckpointInfo, reader: SplitReader) -> TrainerState:
+    def _resume(self, latest: CheckpointInfo, reader: TrainReader) -> TrainerState:
         check_compatible(
             latest.meta, self.config, self.schema, f"checkpoint {latest.path}"
         )
@@ -294,7 +348,7 @@ class PhaseTrainer:
         )
         return state
 
-    def _train(self, reader: SplitReader, state: TrainerState) -> TrainerState:
+    def _train(self, reader: TrainReader, state: TrainerState) -> TrainerState:
         train = self.config.train
         model = self.engine.model
         while reader.state().epoch < train.epochs and not state.stopped_early:
@@ -303,6 +357,11 @@ class PhaseTrainer:
             if self.phase is Phase.DISTILLATION:
                 self.engine.unwrapped.teacher.eval()
             epoch_started = time.perf_counter()
+            epoch_cpu_started = time.process_time()
+            epoch_examples = state.examples
+            # Summed on the device: no per-step synchronisation for a float.
+            loss_sum = torch.zeros((), device=self.engine.device)
+            steps = 0
             # A checkpoint saved at max_steps_per_epoch resumes with the epoch's
             # cap already reached: train no further batch in it.
             capped = bool(
@@ -320,6 +379,8 @@ class PhaseTrainer:
                 )
                 loss, parts = self.objective(output, batch.labels, self.phase)
                 self.engine.optimize(loss)
+                loss_sum += loss.detach()
+                steps += 1
                 state.step += 1
                 state.examples += len(batch) * self.engine.world_size
                 if train.log_every_steps and state.step % train.log_every_steps == 0:
@@ -350,7 +411,9 @@ class PhaseTrainer:
                         world_size=self.engine.world_size,
                     )
                 )
-            state.train_time_s += time.perf_counter() - epoch_started
+            epoch_time_s = time.perf_counter() - epoch_started
+            epoch_cpu_s = time.process_time() - epoch_cpu_started
+            state.train_time_s += epoch_time_s
 
             valid = self.evaluate("valid")
             improved = valid.auc > state.best_valid_auc
@@ -369,6 +432,20 @@ class PhaseTrainer:
                 " (best)" if improved else "",
                 state.examples / max(state.train_time_s, 1e-9),
             )
+            state.history.append(
+                {
+                    "epoch": epoch,
+                    "train_loss": float(loss_sum) / max(steps, 1),
+                    "valid_auc": valid.auc,
+                    "valid_log_loss": valid.log_loss,
+                    "train_time_s": epoch_time_s,
+                    # CPU seconds of this process (all threads), which the
+                    # load of other processes inflates less than wall time.
+                    "train_cpu_s": epoch_cpu_s,
+                    "examples_per_s": (state.examples - epoch_examples)
+                    / max(epoch_time_s, 1e-9),
+                }
+            )
             patience = train.early_stopping_patience
             if patience and state.epochs_without_improvement >= patience:
                 state.stopped_early = True
@@ -386,7 +463,7 @@ class PhaseTrainer:
                 self.on_epoch_end(epoch, valid)
         return state
 
-    def _progress(self, reader: SplitReader, epoch: int) -> Iterable[Batch]:
+    def _progress(self, reader: TrainReader, epoch: int) -> Iterable[Batch]:
         batches: Iterator[Batch] = reader.epoch()
         if self.engine.rank != 0 or not sys.stderr.isatty():
             return batches
@@ -428,7 +505,7 @@ class PhaseTrainer:
     def _save(
         self,
         state: TrainerState,
-        reader: SplitReader,
+        reader: TrainReader,
         kind: str,
         best_is_this: bool = False,
         valid: EvalResult | None = None,
@@ -463,7 +540,7 @@ class PhaseTrainer:
         return self.checkpoints.save(tensors, meta)
 
     def _finish(
-        self, state: TrainerState, reader: SplitReader, wall_time_s: float
+        self, state: TrainerState, reader: TrainReader, wall_time_s: float
     ) -> PhaseResult:
         if state.best_seq is not None:
             best = next(
@@ -494,6 +571,7 @@ class PhaseTrainer:
             epochs=state.epochs_run(self.config.train.epochs),
             best_epoch=state.best_epoch,
             checkpoint=self.directory,
+            history=list(state.history),
         )
         info = self._save(state, reader, kind="final", result=result)
         if self.engine.describe().get("engine") == "local":
@@ -525,6 +603,7 @@ class TrainerState:
     best_seq: int | None = None
     epochs_without_improvement: int = 0
     stopped_early: bool = False
+    history: list[dict[str, float]] = dataclasses.field(default_factory=list)
 
     def epochs_run(self, limit: int) -> int:
         return (
