@@ -435,7 +435,9 @@ class SplitWriter:
 def binary_labels(column: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     """(int8 labels, (N,) bool mask of rows whose label is missing or not 0/1)."""
     values = np.asarray(
-        column.cast(pa.float64()).fill_null(np.nan).to_numpy(zero_copy_only=False)
+        column.cast(pa.float64())
+        .fill_null(pa.scalar(float("nan"), pa.float64()))
+        .to_numpy(zero_copy_only=False)
     )
     bad = ~np.isin(values, (0.0, 1.0))
     return np.where(bad, 0, values).astype(np.int8), bad

@@ -79,6 +79,7 @@ def bucketize_log_squared(values: np.ndarray) -> np.ndarray:
     return ids
 
 
+_NAN = pa.scalar(float("nan"), pa.float64())
 _BUCKETINGS = {
     "log2": (bucketize_log2, LOG2_NUM_EMBEDDINGS),
     "log_squared": (bucketize_log_squared, LOG_SQUARED_NUM_EMBEDDINGS),
@@ -115,7 +116,7 @@ def convert_criteo(
     ) -> dict[str, pa.Array]:
         columns: dict[str, pa.Array] = {}
         for name in INTEGER_COLUMNS:
-            values = batch.column(name).fill_null(np.nan)
+            values = batch.column(name).fill_null(_NAN)
             columns[name] = pa.array(bucketize(values.to_numpy(zero_copy_only=False)))
         for name in CATEGORICAL_COLUMNS:
             columns[name] = pa.array(encoder.encode(name, batch.column(name)))
