@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import torch
 
 from jobs.cache_teacher_logits import main as cache_job
 from kd_dagfm.config import RunConfig, build_config
-from kd_dagfm.data.reader import ParquetSplit, SplitReader
+from kd_dagfm.data.reader import ParquetSplit, ReaderState, SplitReader
 from kd_dagfm.data.writer import arrow_schema
 from kd_dagfm.errors import CheckpointError, DataError
 from kd_dagfm.model import KDDAGFM
@@ -178,11 +179,11 @@ def test_cached_logits_follow_shuffled_rows(
 
 def test_cached_logits_resume_exactly(handmade: dict[str, object]) -> None:
     whole = cached_reader(handmade)
-    whole.load_state(dataclass_epoch(whole, 1))
+    whole.load_state(epoch_start(whole, 1))
     expected = torch.cat([b.teacher_logits for b in whole.epoch()])
 
     first = cached_reader(handmade)
-    first.load_state(dataclass_epoch(first, 1))
+    first.load_state(epoch_start(first, 1))
     head = []
     for batch in first.epoch():
         head.append(batch.teacher_logits)
@@ -195,10 +196,8 @@ def test_cached_logits_resume_exactly(handmade: dict[str, object]) -> None:
     torch.testing.assert_close(torch.cat(head + tail), expected, rtol=0, atol=0)
 
 
-def dataclass_epoch(reader: SplitReader, epoch: int):
+def epoch_start(reader: SplitReader, epoch: int) -> ReaderState:
     """A cursor at the start of ``epoch`` (epoch 1 has another row order)."""
-    import dataclasses
-
     return dataclasses.replace(reader.state(), epoch=epoch)
 
 
@@ -311,9 +310,9 @@ def test_distillation_rejects_cache_of_other_teacher(
 
 # Largest difference allowed between students distilled from cached and from
 # live teacher logits. The cache job runs the teacher on batches of another
-# size and composition than training does, and a BLAS may round float32
-# products differently per batch shape; on the 2-core CPU this test was
-# written on, the two students came out bit-identical.
+# size and composition than training does. A BLAS may round float32 products
+# differently per batch shape, although on the 2-core CPU this test was
+# written on the two students came out bit-identical.
 STUDENT_TOLERANCE = 1e-4
 
 
