@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 
 
 def local_cluster_config(config: RunConfig) -> LocalClusterConfig:
-    """A head with enough logical CPUs and GPUs for ``config``'s workers.
+    """Size a local head with enough logical CPUs and GPUs for ``config``'s workers.
 
     Logical CPUs may exceed the machine's cores: Ray only uses them to
     decide where actors fit.

@@ -1,7 +1,7 @@
 """A single-node Ray head whose every listener is bound to 127.0.0.1.
 
 :class:`LocalRayHead` runs ``ray start --head --block`` as a child process in
-its own session and waits until the dashboard answers and the raylet and its
+its own session and waits until the dashboard responds and the raylet and its
 agents listen. It then checks that every listening socket of the session is
 on loopback, and stops the head otherwise. It stops the head by process id:
 SIGTERM to the ``ray start`` process (which stops the processes it started),
@@ -92,7 +92,7 @@ class LocalClusterConfig:
         temp_dir: Ray's session root (None: a new directory under the system
             temp dir, removed on stop). Unix socket paths live under it, so
             keep it short (Linux limits them to 107 bytes).
-        start_timeout_s: maximum wait for the dashboard to answer.
+        start_timeout_s: maximum wait for the dashboard, the raylet and its agents.
         stop_timeout_s: maximum wait for a graceful stop before SIGKILL.
         drain_timeout_s: how long the head drains running work on SIGTERM
             (``RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S``, Ray's default 30 s).
@@ -207,11 +207,11 @@ class LocalRayHead:
             _reload_ray_auth_config()
 
     def start(self) -> LocalRayHead:
-        """Start the head and wait until its dashboard answers.
+        """Start the head and wait until its dashboard responds and its agents listen.
 
         Raises:
             LocalClusterError: ``ray start`` exited or the dashboard did not
-                answer within ``start_timeout_s``; the message contains the end of
+                respond within ``start_timeout_s``; the message contains the end of
                 the head's log, and the processes started so far are stopped.
         """
         if self._process is not None:
@@ -347,7 +347,7 @@ class LocalRayHead:
 
     def _head_env(self) -> dict[str, str]:
         env = dict(os.environ)
-        # Job entrypoints say `python`; make it the interpreter that runs Ray.
+        # Job entrypoints run `python`, so put the interpreter that runs Ray first.
         python_bin = os.path.dirname(sys.executable)
         env["PATH"] = os.pathsep.join([python_bin, env.get("PATH", "")])
         env.update(
@@ -390,7 +390,7 @@ class LocalRayHead:
                 last_error = f"dashboard up, not yet listening: {', '.join(closed)}"
             time.sleep(0.5)
         raise LocalClusterError(
-            f"the Ray dashboard at {self.dashboard_url} did not answer within "
+            f"the Ray head at {self.dashboard_url} was not ready within "
             f"{self.config.start_timeout_s:.0f} s (last: {last_error}); raise "
             f"start_timeout_s on a loaded machine. End of {self.log_path}:\n"
             f"{self.log_tail()}"
@@ -424,9 +424,9 @@ def _reload_ray_auth_config() -> None:
     """Make this process re-read ``RAY_AUTH_MODE`` and its token.
 
     Ray 2.60 reads them once, when ``ray`` is first imported, and keeps them
-    in its C++ config; a client that imported ray before the variables were
-    set would otherwise connect without the token. This is what Ray's own
-    ``ray.init()`` does when it switches a new local cluster to token mode.
+    in its C++ config. A client that imported ray before the variables were
+    set would otherwise connect without the token. Ray's own ``ray.init()``
+    makes the same calls when it switches a new local cluster to token mode.
     """
     if "ray" not in sys.modules:
         return
@@ -470,7 +470,7 @@ def _accepts(port: int) -> bool:
 
 
 def _free_ports(count: int) -> list[int]:
-    """``count`` distinct ports that were free on 127.0.0.1 a moment ago."""
+    """Return ``count`` distinct ports that were free on 127.0.0.1 a moment ago."""
     sockets = []
     try:
         for _ in range(count):
@@ -484,7 +484,7 @@ def _free_ports(count: int) -> list[int]:
 
 
 def session_processes(session: int) -> list[int]:
-    """Ids of live processes whose session id is ``session`` (Linux /proc)."""
+    """Return the ids of live processes in session ``session`` (Linux /proc)."""
     found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -515,8 +515,8 @@ class ListeningSocket:
 
 
 def listening_sockets(pids: Sequence[int]) -> list[ListeningSocket]:
-    """TCP listeners owned by ``pids``, read from /proc (Linux, this network
-    namespace only)."""
+    """Return the TCP listeners owned by ``pids``, read from /proc (Linux, this
+    network namespace only)."""
     inodes: dict[str, int] = {}
     for pid in pids:
         with contextlib.suppress(OSError):

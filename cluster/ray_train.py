@@ -96,7 +96,7 @@ def resume_point(
 
 
 def worker_starts(output_dir: str, rank: int) -> list[WorkerStart]:
-    """Every recorded start of ``rank`` in ``output_dir``, oldest first."""
+    """Read every recorded start of ``rank`` in ``output_dir``, oldest first."""
     fs, path = filesystem(join(output_dir, WORKERS_DIR, f"rank-{rank}.json"))
     if not fs.exists(path):
         return []
@@ -192,7 +192,7 @@ def _describe_resume(start: WorkerStart) -> str:
 
 
 def _setup_worker_logging(rank: int) -> None:
-    """INFO from kd-dagfm on rank 0, warnings only on the other ranks."""
+    """Log INFO from kd-dagfm on rank 0 and only warnings on the other ranks."""
     if not logging.getLogger().handlers:
         logging.basicConfig(
             level=logging.WARNING,
@@ -274,7 +274,7 @@ def check_config(config: RunConfig) -> None:
 
 
 def default_run_name(phases: Sequence[Phase]) -> str:
-    """The Ray Train run name: the same for every submission of the same job."""
+    """Return the Ray Train run name, the same for every submission of the job."""
     if tuple(phases) == PIPELINE:
         return "kd-dagfm-pipeline"
     return "kd-dagfm-" + "-".join(p.value for p in phases)
@@ -283,7 +283,7 @@ def default_run_name(phases: Sequence[Phase]) -> str:
 def build_trainer(
     config: RunConfig, phases: Sequence[Phase], name: str | None = None
 ) -> Any:
-    """A TorchTrainer that runs ``phases`` of ``config`` (paths already absolute).
+    """Build a TorchTrainer that runs ``phases`` of ``config`` (absolute paths).
 
     Raises:
         ConfigError: Ray Train V2 is switched off (``RAY_TRAIN_V2_ENABLED=0``);

@@ -224,3 +224,29 @@ def test_trainer_requires_train_v2(
     with pytest.raises(ConfigError) as excinfo:
         build_trainer(config, PIPELINE)
     assert "RAY_TRAIN_V2_ENABLED=0" in str(excinfo.value)
+
+
+def test_worker_config_error_reaches_driver() -> None:
+    from ray.train import WorkerGroupError
+
+    from cluster.ray_train import _raise_worker_error
+
+    cause = ConfigError("distillation needs warm_up")
+    error = WorkerGroupError(
+        "two workers failed", {1: RuntimeError("gloo connection reset"), 0: cause}
+    )
+    with pytest.raises(ConfigError) as excinfo:
+        _raise_worker_error(error)
+    assert excinfo.value is cause
+    assert excinfo.value.__cause__ is error
+
+
+def test_other_worker_errors_pass_through() -> None:
+    from ray.train import WorkerGroupError
+
+    from cluster.ray_train import _raise_worker_error
+
+    error = WorkerGroupError("one worker failed", {0: RuntimeError("out of memory")})
+    # Neither call may raise: the caller re-raises the original error itself.
+    _raise_worker_error(error)
+    _raise_worker_error(ValueError("not from Ray Train"))
