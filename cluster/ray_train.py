@@ -45,8 +45,7 @@ logger = logging.getLogger(__name__)
 WORKER_ENV = {"OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0"}
 WORKERS_DIR = "workers"
 # Forwarded to the workers when the driver has them set.
-_FORWARDED_ENV = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME", "KD_DAGFM_DIST_TIMEOUT_S")
-_PROCESS_GROUP_TIMEOUT_S = 600
+_FORWARDED_ENV = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -317,13 +316,16 @@ def build_trainer(
             "phases": [p.value for p in phases],
         },
         torch_config=TorchConfig(
-            backend="nccl" if gpus else "gloo", timeout_s=_PROCESS_GROUP_TIMEOUT_S
+            backend="nccl" if gpus else "gloo", timeout_s=_process_group_timeout_s()
         ),
         scaling_config=ScalingConfig(
             num_workers=distributed.num_workers,
             use_gpu=gpus > 0,
             resources_per_worker=resources,
         ),
+        # NOTE: tests run Ray Train with a local storage_path only. For s3://,
+        # Ray writes with pyarrow's S3 filesystem, which takes its endpoint and
+        # credentials from the AWS_* variables of the driver and the workers.
         run_config=RayRunConfig(
             name=name or default_run_name(phases),
             storage_path=distributed.storage_path or config.train.output_dir,
@@ -331,6 +333,14 @@ def build_trainer(
             worker_runtime_env={"env_vars": env},
         ),
     )
+
+
+def _process_group_timeout_s() -> int:
+    """Return the collective timeout: ``KD_DAGFM_DIST_TIMEOUT_S`` or 600 s, as
+    for process groups that kd-dagfm creates itself."""
+    from kd_dagfm.distributed.process_group import DEFAULT_TIMEOUT_S
+
+    return int(float(os.environ.get("KD_DAGFM_DIST_TIMEOUT_S", DEFAULT_TIMEOUT_S)))
 
 
 def run_on_ray(

@@ -82,6 +82,7 @@ def test_trainer_follows_distributed_config(tmp_path: Path) -> None:
     assert scaling.use_gpu is False
     assert scaling.resources_per_worker == {"CPU": 2.0}
     assert trainer.backend_config.backend == "gloo"
+    assert trainer.backend_config.timeout_s == 600
     run = trainer.run_config
     assert run.name == "kd-dagfm-pipeline"
     assert run.storage_path == str(tmp_path / "run")
