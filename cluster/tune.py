@@ -385,6 +385,8 @@ def run_tune(
     from kd_dagfm.pipeline import prepare_dataset
 
     if config.distributed.num_workers != 1:
+        # TODO: run multi-worker trials as Ray Train jobs (cluster.ray_train)
+        # inside each Tune trial, reporting through the same epoch callback.
         raise ConfigError(
             f"num_workers={config.distributed.num_workers}: tune runs each trial in "
             "one process; set num_workers=1 (use cpus_per_trial for more threads)"

@@ -513,6 +513,10 @@ def id_maps_from_vocabularies(
     Returns:
         Per field, the kd-dagfm id of each RecBole id, -1 where the token
         has none.
+
+    NOTE: ``kd-dagfm convert recbole`` does not save its vocabularies, so
+    ``token2id`` has to be rebuilt by the caller; the next step is writing
+    them beside ``schema.json``.
     """
     maps: dict[str, np.ndarray] = {}
     for field, tokens in recbole_id2token.items():

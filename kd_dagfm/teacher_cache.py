@@ -435,6 +435,8 @@ def write_teacher_logits(
     Raises:
         DataError: ``output`` holds a cache and ``overwrite`` is False.
     """
+    # TODO: split the shards over Ray workers for datasets too large for one
+    # process; each shard's file is independent, only the manifest is shared.
     started = time.perf_counter()
     device = torch.device(device)
     fs, root = filesystem(output)
