@@ -312,6 +312,9 @@ class RankUsage:
             memory the kernels use; None for manual plans.
         host_bytes: part of ``planner_bytes`` the planner puts in host
             memory (UVM-backed tables); 0 otherwise.
+        planner_step_ms: TorchRec's cost-model estimate of the rank's
+            embedding work per training step (lookups, gradients, their
+            communication), in ms; None for manual plans.
     """
 
     rank: int
@@ -319,6 +322,7 @@ class RankUsage:
     optimizer_bytes: int
     planner_bytes: int | None
     host_bytes: int
+    planner_step_ms: float | None = None
 
     @property
     def total_bytes(self) -> int:
@@ -348,6 +352,13 @@ class PlanReport:
     @property
     def total_optimizer_bytes(self) -> int:
         return sum(r.optimizer_bytes for r in self.ranks)
+
+    @property
+    def slowest_rank_step_ms(self) -> float | None:
+        """TorchRec's cost-model time of the busiest rank's embedding work per
+        step, in ms; None for manual plans."""
+        times = [r.planner_step_ms for r in self.ranks if r.planner_step_ms]
+        return max(times) if times else None
 
 
 def build_meta_model(
@@ -621,14 +632,23 @@ def _add_planner_estimates(
 ) -> tuple[RankUsage, ...]:
     device = [0] * len(ranks)
     host = [0] * len(ranks)
+    step_ms = [0.0] * len(ranks)
     for option in options:
         for shard in option.shards:
-            if shard.rank is None or shard.storage is None:
+            if shard.rank is None:
                 continue
-            device[shard.rank] += shard.storage.hbm + shard.storage.ddr
-            host[shard.rank] += shard.storage.ddr if shard.storage.hbm else 0
+            if shard.storage is not None:
+                device[shard.rank] += shard.storage.hbm + shard.storage.ddr
+                host[shard.rank] += shard.storage.ddr if shard.storage.hbm else 0
+            if shard.perf is not None:
+                step_ms[shard.rank] += shard.perf.total
     return tuple(
-        dataclasses.replace(r, planner_bytes=device[r.rank], host_bytes=host[r.rank])
+        dataclasses.replace(
+            r,
+            planner_bytes=device[r.rank],
+            host_bytes=host[r.rank],
+            planner_step_ms=step_ms[r.rank],
+        )
         for r in ranks
     )
 
@@ -766,6 +786,15 @@ def format_report(report: PlanReport) -> str:
         f"   all ranks: {_gib(report.total_weights_bytes)} weights + "
         f"{_gib(report.total_optimizer_bytes)} optimizer state "
         f"(planned in {report.plan_seconds:.1f} s, nothing allocated)",
+    ]
+    slowest = report.slowest_rank_step_ms
+    if slowest is not None:
+        lines.append(
+            f"   TorchRec's cost model: {slowest:.3f} ms of embedding work per step "
+            "on the busiest rank (a bandwidth model without kernel overheads: "
+            "compares plans, does not forecast throughput)"
+        )
+    lines += [
         "   table | rows x D | sharding | kernel | ranks | rows per shard",
     ]
     for table in report.tables:
@@ -807,9 +836,12 @@ def _group_ranks(
 ) -> list[tuple[int, int, RankUsage]]:
     """Consecutive ranks with equal usage, as (first, last, usage)."""
     groups: list[tuple[int, int, RankUsage]] = []
+
+    def key(usage: RankUsage) -> RankUsage:
+        return dataclasses.replace(usage, rank=0, planner_step_ms=None)
+
     for usage in ranks:
-        key = dataclasses.replace(usage, rank=0)
-        if groups and dataclasses.replace(groups[-1][2], rank=0) == key:
+        if groups and key(groups[-1][2]) == key(usage):
             groups[-1] = (groups[-1][0], usage.rank, groups[-1][2])
         else:
             groups.append((usage.rank, usage.rank, usage))
@@ -832,6 +864,7 @@ def report_to_dict(report: PlanReport) -> dict[str, Any]:
         "embedding_dim": report.embedding_dim,
         "batch_size_per_rank": report.batch_size_per_rank,
         "capacity_bytes": report.capacity_bytes,
+        "slowest_rank_step_ms": report.slowest_rank_step_ms,
         "tables": [dataclasses.asdict(t) for t in report.tables],
         "ranks": [
             {**dataclasses.asdict(r), "total_bytes": r.total_bytes}
