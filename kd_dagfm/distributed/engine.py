@@ -58,6 +58,8 @@ FUSED_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
 }
 # FBGEMM's CPU kernels (fbgemm-gpu-cpu 1.8) implement only these; Adam asserts.
 CPU_FUSED_OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad")
+# Optimizers whose state has one value per table row rather than per element.
+ROWWISE_STATE_OPTIMIZERS = ("rowwise_adagrad",)
 
 
 class DMPEngine:
@@ -308,10 +310,14 @@ def check_resumable(saved: dict[str, Any], current: dict[str, Any]) -> None:
     """Raise CheckpointError when optimizer state saved under the engine
     description ``saved`` cannot be loaded into the engine ``current``.
 
-    TorchRec reshards table weights between any plans, and row-wise,
-    table-wise and data-parallel optimizer state between world sizes and
-    between those types. FBGEMM keeps a column-wise table's optimizer state
-    per column shard, so it loads only into the same column split.
+    DCP reshards table weights between any two plans, and optimizer state
+    between world sizes and between row-wise, table-wise and column-wise
+    layouts of elementwise state (Adagrad, Adam). Two layouts do not convert:
+    row-wise Adagrad on a column-wise table keeps one accumulator per row and
+    column shard (a ShardedTensor of rows x shards elements), and a
+    data-parallel table has torch optimizer state where a sharded table has
+    FBGEMM's. DCP would reject both with a size or missing-key error that
+    does not say why.
     """
     if saved.get("engine") != "dmp":
         raise CheckpointError(
@@ -320,36 +326,47 @@ def check_resumable(saved: dict[str, Any], current: dict[str, Any]) -> None:
             "engine's; resume it with the engine that wrote it, or start the phase "
             "again from its warm_up"
         )
-    if saved.get("embedding_optimizer") != current["embedding_optimizer"]:
+    optimizer = current["embedding_optimizer"]
+    if saved.get("embedding_optimizer") != optimizer:
         raise CheckpointError(
             f"the checkpoint's embedding optimizer is {saved.get('embedding_optimizer')!r}, "
-            f"this run uses {current['embedding_optimizer']!r}; resume with "
+            f"this run uses {optimizer!r}; resume with "
             f"embedding_optimizer={saved.get('embedding_optimizer')}, or start the phase "
             "again in a new output_dir"
         )
-    if current["embedding_optimizer"] == "sgd":
-        return  # SGD has no optimizer state to reshard.
+    if optimizer == "sgd":
+        return  # Plain SGD keeps no optimizer state.
+
     saved_plan: dict[str, Any] = saved.get("plan", {})
     current_plan: dict[str, Any] = current["plan"]
-    changed = [
-        table
-        for table, entry in sorted(saved_plan.items())
-        if entry.get("sharding_type") == "column_wise"
-        and _column_split(entry) != _column_split(current_plan.get(table, {}))
-    ]
-    if changed:
-        before = saved_plan[changed[0]]
-        after = current_plan.get(changed[0], {})
-        raise CheckpointError(
-            f"cannot reshard column-wise optimizer state: table {changed[0]!r}"
-            f"{f' (and {len(changed) - 1} more)' if len(changed) > 1 else ''} was "
-            f"column_wise with column shards {_column_split(before)} on "
-            f"{saved.get('world_size')} ranks, this run has "
-            f"{after.get('sharding_type')} with {_column_split(after) or 'no column shards'} "
-            f"on {current['world_size']} ranks. Resume with sharding=column_wise and "
-            f"num_workers={saved.get('world_size')}, or start the phase again from its "
-            "warm_up (model weights reshard, optimizer state does not)"
-        )
+    for table, before in sorted(saved_plan.items()):
+        after = current_plan.get(table, {})
+        was_replicated = before.get("sharding_type") == "data_parallel"
+        if was_replicated != (after.get("sharding_type") == "data_parallel"):
+            raise CheckpointError(
+                f"cannot restore the {optimizer} state of table {table!r}: it was "
+                f"{before.get('sharding_type')} on {saved.get('world_size')} ranks, this "
+                f"run has it {after.get('sharding_type')}. Data-parallel tables keep "
+                "torch optimizer state and sharded tables FBGEMM's, which do not "
+                f"convert. Resume with sharding={saved.get('sharding')}, or start the "
+                "phase again from its warm_up (model weights reshard)"
+            )
+        if (
+            optimizer in ROWWISE_STATE_OPTIMIZERS
+            and before.get("sharding_type") == "column_wise"
+            and _column_split(before) != _column_split(after)
+        ):
+            raise CheckpointError(
+                f"cannot reshard column-wise optimizer state: table {table!r} was "
+                f"column_wise with column shards {_column_split(before)} "
+                f"([offset, columns]) on {saved.get('world_size')} ranks, this run has "
+                f"it {after.get('sharding_type')} with "
+                f"{_column_split(after) or 'no column shards'} on "
+                f"{current['world_size']} ranks, and {optimizer} keeps one accumulator "
+                "per row and column shard. Resume with sharding=column_wise and "
+                f"num_workers={saved.get('world_size')}, or start the phase again from "
+                "its warm_up (model weights reshard, this optimizer state does not)"
+            )
 
 
 def _column_split(entry: dict[str, Any]) -> list[list[int]]:
