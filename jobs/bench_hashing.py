@@ -5,7 +5,7 @@ hashes a sample of lookups with :func:`kd_dagfm.hashing.hash_to_rows` and
 prints, side by side with the expectation for a uniform hash:
 
 - the id collision rate: distinct ids that share their row with another;
-- the lookup collision rate: lookups whose row holds another distinct id
+- the lookup collision rate: lookups whose row contains another distinct id
   (mean over several hash seeds, since the hottest ids decide much of it);
 - the rows the ids occupy.
 

@@ -1,9 +1,9 @@
 """Train one huge row-wise sharded table through all three phases on 2 CPU ranks.
 
 The table is built on the meta device (``table_init=sharded``), so no
-process ever holds all of it: each rank allocates and initialises its own
-rows, and the fused row-wise Adagrad keeps one fp32 value per row beside
-them. Data is a Zipf-distributed synthetic click log written in chunks
+process ever allocates all of it. Each rank allocates and initialises its
+own rows, and the fused row-wise Adagrad keeps one fp32 value per row
+beside them. Data is a Zipf-distributed synthetic click log written in chunks
 (:mod:`kd_dagfm.data.zipf`). Each rank samples its resident memory (VmRSS)
 every 0.2 s; the job reports the peak per rank and phase, examples/s and
 AUC, and removes its checkpoints at the end unless ``--keep_checkpoints``.
@@ -109,7 +109,7 @@ def _free_port() -> int:
 def rank_main(
     rank: int, world_size: int, port: int, config_data: dict[str, Any], out: str
 ) -> None:
-    """One training rank: the three phases with the sharded engine."""
+    """Run one training rank: the three phases with the sharded engine."""
     os.environ.update(
         {
             "RANK": str(rank),

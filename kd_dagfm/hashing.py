@@ -163,7 +163,7 @@ class CollisionStats:
         occupied_rows: rows hit by at least one id.
         id_collision_rate: fraction of distinct ids that share their row.
         lookup_collision_rate: fraction of lookups (id occurrences) whose row
-            holds another distinct id too.
+            contains another distinct id too.
     """
 
     distinct_ids: int
@@ -277,13 +277,13 @@ def _xxh64_arrow(array: pa.Array, seed: np.uint64) -> np.ndarray:
 def _xxh64_bytes(data: np.ndarray, offsets: np.ndarray, seed: np.uint64) -> np.ndarray:
     """XXH64 of the byte strings ``data[offsets[i]:offsets[i + 1]]``.
 
-    Each step of the reference algorithm runs for all strings at once; a string
+    Each step of the reference algorithm runs for all strings at once. A string
     that has no input left for a step keeps its state (masked update).
     """
     starts = offsets[:-1].astype(np.int64)
     lengths = (offsets[1:] - offsets[:-1]).astype(np.int64)
-    # Zero padding lets every gather read 8 bytes past any start; positions of
-    # strings with no input left for a step are clamped, their result unused.
+    # Zero padding lets every gather read 8 bytes past any start. Positions of
+    # strings with no input left for a step are clamped and their result unused.
     padded = np.concatenate([data, np.zeros(8, dtype=np.uint8)])
     last = max(data.size, 0)
 

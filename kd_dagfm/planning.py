@@ -9,11 +9,11 @@ not fit raises :class:`~kd_dagfm.errors.ConfigError` with those numbers and
 the changes that would make it fit.
 
 Bytes per table row follow FBGEMM's table-batched embedding layout
-(fbgemm-gpu 1.8, ``split_table_batched_embeddings_ops_training.py``): weights
-of D elements in the table's precision, plus 8 bytes of row-wise scale and
-bias for int8; optimizer state in fp32 (FBGEMM's default state type): none for
-SGD, D values for Adagrad, one value per row for row-wise Adagrad, 2 x D for
-Adam. TorchRec 1.8's planner sizes optimizer state as a multiple of the weight
+(fbgemm-gpu 1.8, ``split_table_batched_embeddings_ops_training.py``). A row
+has D weights in the table's precision, plus 8 bytes of row-wise scale and
+bias for int8. Optimizer state is fp32 (FBGEMM's default state type): none
+for SGD, D values for Adagrad, one value per row for row-wise Adagrad and
+2 x D for Adam. TorchRec 1.8's planner sizes optimizer state as a multiple of the weight
 bytes instead, so for fp16 and int8 tables it counts less state than FBGEMM
 allocates; the report shows both.
 """
@@ -188,7 +188,7 @@ def make_cluster(
     ddr_gib_per_host: float | None = None,
     ranks_per_host: int | None = None,
 ) -> ClusterSpec:
-    """A cluster of ``world_size`` ranks of a :data:`HARDWARE` kind, with
+    """Build a cluster of ``world_size`` ranks of a :data:`HARDWARE` kind, with
     optional overrides of its memory sizes and ranks per host."""
     if hardware not in HARDWARE:
         raise ConfigError(
@@ -226,16 +226,16 @@ CRITEO_1TB_CARDINALITIES = (
 
 
 def billion_row_schema() -> FeatureSchema:
-    """A 1,000,000,000-row id table (hashed user or item ids) plus seven
-    context fields of 100,000 rows each."""
+    """Build the schema of a 1,000,000,000-row id table (hashed user or item
+    ids) plus seven context fields of 100,000 rows each."""
     sparse = {"item_id": 1_000_000_000}
     sparse.update({f"context_{i}": 100_000 for i in range(1, 8)})
     return make_schema("label", sparse)
 
 
 def criteo_1tb_schema() -> FeatureSchema:
-    """Criteo 1TB's 26 categorical fields at their full cardinality and its
-    13 numerical fields."""
+    """Build the schema of Criteo 1TB's 26 categorical fields at their full
+    cardinality and its 13 numerical fields."""
     sparse = {f"C{i + 1}": n for i, n in enumerate(CRITEO_1TB_CARDINALITIES)}
     return make_schema("label", sparse, dense=[f"I{i}" for i in range(1, 14)])
 
@@ -251,7 +251,7 @@ SCHEMA_PRESETS = {
 
 @dataclasses.dataclass(frozen=True)
 class RowBytes:
-    """Bytes one table row takes on the rank that holds it."""
+    """Bytes one table row takes on the rank that stores it."""
 
     weights: int
     optimizer_state: int
@@ -290,7 +290,7 @@ def row_bytes(embedding_dim: int, precision: str, optimizer: str) -> RowBytes:
 
 @dataclasses.dataclass(frozen=True)
 class TablePlacement:
-    """How one table is split: ``shards`` holds (rank, rows, columns)."""
+    """How one table is split: ``shards`` lists (rank, rows, columns)."""
 
     name: str
     rows: int
@@ -683,7 +683,7 @@ def _unfit_error(
     allow_uvm: bool,
     detail: str,
 ) -> ConfigError:
-    """The error for tables that do not fit, with the numbers and the fixes."""
+    """Build the error for tables that do not fit, with the numbers and the fixes."""
     dim = model_config.embedding_size
     world = cluster.world_size
     total, largest = _table_bytes(schema, dim, precision, optimizer)
@@ -691,6 +691,7 @@ def _unfit_error(
     rows = sum(f.num_embeddings for f in schema.sparse_features)
     even = math.ceil(total / world)
     memory = "HBM" if cluster.hardware.compute_device == "cuda" else "host memory"
+
     lines = [
         f"the embedding tables do not fit on {cluster.name}: {rows:,} rows x "
         f"{per_row.total} bytes ({per_row.weights} of {precision} weights + "
@@ -714,6 +715,7 @@ def _unfit_error(
             f"one rank and must be split by rows over the {world} ranks; TorchRec's "
             "planner never proposes row_wise on CPU"
         )
+
     alternatives = [(smaller, dim, optimizer) for smaller in ("fp16", "int8")]
     alternatives = [
         a for a in alternatives if PRECISIONS[a[0]][1] < PRECISIONS[precision][1]
@@ -737,6 +739,7 @@ def _unfit_error(
             f"{change}: {_gib(math.ceil(alt_total / world))} per rank split evenly, "
             f"largest table {_gib(alt_largest)}"
         )
+
     if cluster.hardware.compute_device == "cuda" and not allow_uvm:
         fixes.append(
             "--allow_uvm: keep tables in host memory with an HBM cache "
@@ -767,8 +770,8 @@ def _ranks_text(ranks: Sequence[int], world_size: int) -> str:
 
 
 def format_report(report: PlanReport) -> str:
-    """The plan as text: the cluster, one line per table, one line per group of
-    ranks with equal memory."""
+    """Format the plan as text: the cluster, one line per table, one line per
+    group of ranks with equal memory."""
     cluster = report.cluster
     hardware = cluster.hardware
     memory = "HBM" if hardware.compute_device == "cuda" else "host memory"
@@ -794,6 +797,7 @@ def format_report(report: PlanReport) -> str:
             "on the busiest rank (a bandwidth model without kernel overheads: "
             "compares plans, does not forecast throughput)"
         )
+
     lines += [
         "   table | rows x D | sharding | kernel | ranks | rows per shard",
     ]
@@ -810,6 +814,7 @@ def format_report(report: PlanReport) -> str:
             f"{table.sharding_type} | {table.compute_kernel} | "
             f"{_ranks_text(ranks, cluster.world_size)} | {rows_text}"
         )
+
     lines.append(
         "   ranks | weights | optimizer state | weights + state | "
         "planner estimate | used of table memory"
@@ -849,7 +854,7 @@ def _group_ranks(
 
 
 def report_to_dict(report: PlanReport) -> dict[str, Any]:
-    """A JSON-compatible form of the report."""
+    """Convert the report to JSON-compatible types."""
     return {
         "cluster": {
             "hardware": report.cluster.hardware.name,
@@ -926,8 +931,8 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def plan_schema(config: RunConfig, preset: str | None) -> FeatureSchema:
-    """The features to plan: a preset, the synthetic schema, or the dataset's
-    schema.json (read without touching the data)."""
+    """Pick the features to plan: a preset, the synthetic schema, or the
+    dataset's schema.json (read without touching the data)."""
     if preset is not None:
         return SCHEMA_PRESETS[preset]()
     data = config.data
@@ -935,7 +940,7 @@ def plan_schema(config: RunConfig, preset: str | None) -> FeatureSchema:
         return synthetic_schema(data.synthetic_fields, data.synthetic_vocab_size)
     if recbole_atomic_name(data.dataset) is not None:
         raise ConfigError(
-            f"dataset {data.dataset!r} holds RecBole atomic files, whose table sizes "
+            f"dataset {data.dataset!r} contains RecBole atomic files, whose table sizes "
             "are known only after conversion; run kd-dagfm convert recbole first "
             "and plan the converted directory"
         )
