@@ -175,7 +175,11 @@ class DMPEngine:
             KeyedOptimizerWrapper(
                 dense,
                 lambda params: torch.optim.Adam(
-                    params, lr=train.learning_rate, weight_decay=train.weight_decay
+                    params,
+                    lr=train.learning_rate,
+                    weight_decay=train.weight_decay,
+                    # One kernel for all tensors, as the single-process engine.
+                    fused=self.device.type in ("cpu", "cuda"),
                 ),
             )
         ]

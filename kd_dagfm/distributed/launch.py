@@ -70,13 +70,14 @@ def run(args: argparse.Namespace) -> int:
             json.dumps(config.to_dict(), sort_keys=True),
         )
 
+    make_engine = dmp_engine_factory(config)  # Rejects bad settings first.
+
     # One writer for a generated or converted dataset; the others then
     # find it complete.
     if rank == 0:
         prepare_dataset(config)
     dist.barrier()
 
-    make_engine = dmp_engine_factory(config)
     if args.command == "pipeline":
         results = run_pipeline(config, make_engine=make_engine)
     else:
