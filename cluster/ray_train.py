@@ -31,6 +31,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import torch
+
 from kd_dagfm.config import RunConfig
 from kd_dagfm.errors import ConfigError, KDDAGFMError
 from kd_dagfm.phases import PIPELINE, Phase
@@ -62,6 +64,7 @@ class WorkerStart:
         resume_phase: first phase without a final checkpoint (None: all done).
         resume_checkpoint: newest complete checkpoint of ``resume_phase`` it
             resumes from (None: the phase starts from its beginning).
+        torch_threads: ``torch.get_num_threads()`` of the worker.
     """
 
     rank: int
@@ -72,6 +75,7 @@ class WorkerStart:
     started_at: str
     resume_phase: str | None
     resume_checkpoint: str | None
+    torch_threads: int
 
 
 def resume_point(
@@ -117,6 +121,7 @@ def _record_start(
         started_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         resume_phase=phase.value if phase is not None else None,
         resume_checkpoint=checkpoint,
+        torch_threads=torch.get_num_threads(),
     )
     fs, directory = filesystem(join(config.train.output_dir, WORKERS_DIR))
     fs.makedirs(directory, exist_ok=True)
@@ -203,9 +208,8 @@ def _setup_worker_logging(rank: int) -> None:
 
 
 def resolve_paths(config: RunConfig) -> RunConfig:
-    """Make local ``output_dir``, ``dataset``, ``warm_up`` and ``storage_path``
-    absolute, so workers (whose working directory differs from the driver's)
-    find them.
+    """Make local ``output_dir``, ``dataset`` and ``warm_up`` paths absolute, so
+    workers (whose working directory differs from the driver's) find them.
 
     Raises:
         ConfigError: ``storage_path`` is a relative path; Ray Train needs an

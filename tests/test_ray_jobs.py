@@ -52,7 +52,11 @@ def ray_head() -> Iterator[LocalRayHead]:
             stop_timeout_s=60.0,
         )
     )
-    head.start()
+    # The head (and so every process it forks) gets 2 threads, so the workers'
+    # single thread can only come from the trainer's worker_runtime_env.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("OMP_NUM_THREADS", "2")
+        head.start()
     try:
         yield head
     finally:
@@ -264,6 +268,7 @@ def test_job_submit_pipeline_two_workers(
         starts = worker_starts(str(output_dir), rank)
         assert len(starts) == 1
         assert starts[0].world_size == 2
+        assert starts[0].torch_threads == 1
     for phase in PIPELINE:
         final = CheckpointManager(
             str(output_dir / phase.value / "checkpoints")
