@@ -319,6 +319,8 @@ def build_trainer(
             "config": config.to_dict(),
             "phases": [p.value for p in phases],
         },
+        # NOTE: no test runs GPU workers; the NCCL choice is checked only as far
+        # as building the trainer (tests/test_ray_units.py).
         torch_config=TorchConfig(
             backend="nccl" if gpus else "gloo", timeout_s=_process_group_timeout_s()
         ),
