@@ -21,9 +21,9 @@ from fsspec.core import url_to_fs
 
 from kd_dagfm.errors import StorageError
 
-# botocore's "standard" retry mode: attempts per request, the first included;
-# retry i waits rand(0, 1) * base * 2**i seconds (base 1 after throttling,
-# else 0.05; botocore 1.43).
+# Attempts per request in botocore's "standard" retry mode, the first
+# included. In botocore 1.43 retry i waits rand(0, 1) * base * 2**i seconds,
+# with base 1 after throttling and 0.05 otherwise.
 S3_REQUEST_ATTEMPTS = 3
 # s3fs retries a whole request (its own backoff 0.1 s, 0.17 s, ...) on
 # timeouts and truncated bodies, around botocore's attempts.
@@ -53,7 +53,7 @@ def filesystem(
 
 
 def s3_endpoint() -> str | None:
-    """The S3 endpoint URL from the environment, or None for AWS's default."""
+    """Return the S3 endpoint URL from the environment, or None for AWS's default."""
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
 
 
@@ -111,7 +111,7 @@ TRANSPORT_ERRORS = _transport_error_types()
 
 
 def transport_cause(error: BaseException) -> BaseException | None:
-    """The network-client error behind ``error`` (itself, or in its cause chain).
+    """Find the network-client error behind ``error`` (itself or in its cause chain).
 
     s3fs translates S3 error responses into OSError subclasses with the
     botocore error as ``__cause__``; pyarrow re-raises errors of Python file
@@ -128,7 +128,7 @@ def transport_cause(error: BaseException) -> BaseException | None:
 
 
 def storage_error(url: str, action: str, error: BaseException) -> StorageError:
-    """A StorageError for a failed ``action`` on ``url`` after the client's retries."""
+    """Build the StorageError for a failed ``action`` on ``url`` after the client's retries."""
     cause = transport_cause(error) or error
     where = url
     if is_s3(url):

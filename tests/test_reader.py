@@ -214,10 +214,16 @@ def save_and_restore(reader: SplitReader, root: str, **kwargs: object) -> SplitR
 
 @pytest.mark.parametrize("world_size", [1, 2])
 @pytest.mark.parametrize(
-    ("block_rows", "prefetch", "stop_after"), [(1, 0, 7), (16, 3, 11), (1, 2, 23)]
+    ("block_rows", "prefetch", "readahead", "stop_after"),
+    [(1, 0, 0, 7), (16, 3, 2, 11), (1, 2, 1, 23)],
 )
 def test_resume_mid_epoch_sees_remaining_rows(
-    dataset: str, world_size: int, block_rows: int, prefetch: int, stop_after: int
+    dataset: str,
+    world_size: int,
+    block_rows: int,
+    prefetch: int,
+    readahead: int,
+    stop_after: int,
 ) -> None:
     for rank in range(world_size):
         kwargs = dict(
@@ -227,6 +233,7 @@ def test_resume_mid_epoch_sees_remaining_rows(
             seed=11,
             shuffle_block_rows=block_rows,
             prefetch_batches=prefetch,
+            readahead_row_groups=readahead,
         )
         # Two uninterrupted epochs.
         uninterrupted = SplitReader(open_split(dataset), **kwargs)  # type: ignore[arg-type]

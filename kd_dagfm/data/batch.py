@@ -173,6 +173,9 @@ class BatchAssembler:
         values: list[np.ndarray] = []
         lengths: list[np.ndarray] = []
         length_per_key: list[int] = []
+        # TODO: copy int32 ids (num_embeddings < 2**31) once the model accepts
+        # int32 KJT values; this copy is most of the reader's cost over a raw
+        # Parquet scan (docs/BENCHMARKS.md).
         if not any(self._is_list):
             values = _take_single(parts) if self.keys else []
             lengths = [np.ones(num_rows * len(self.keys), dtype=np.int32)]

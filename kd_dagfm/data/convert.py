@@ -11,9 +11,9 @@ Categorical tokens become ids in one of two ways (:class:`CategoricalEncoding`):
 - ``hash``: ``1 + XXH64(token) mod (num_embeddings - 1)``, one pass, no
   state; the same token gets the same id in every file and at serving time
   (see :mod:`kd_dagfm.hashing`).
-- ``vocab``: a first pass counts tokens; tokens seen at least ``min_count``
-  times get ids ``2 ..`` in order of decreasing count (ties by token), the
-  rest share id 1. Two passes over the input.
+- ``vocab``: a first pass counts tokens. Tokens seen at least
+  ``min_count`` times get ids ``2 ..`` in order of decreasing count (ties
+  by token), and the rarer ones share id 1. The input is read twice.
 
 Id 0 is a missing value (an empty field) in every categorical feature.
 
@@ -56,7 +56,7 @@ _MERGE_EVERY = 16
 
 @dataclasses.dataclass(frozen=True)
 class CategoricalEncoding:
-    """How categorical tokens become embedding ids.
+    """Encoding of categorical tokens as embedding ids.
 
     Attributes:
         method: ``hash`` or ``vocab`` (see the module docstring).
@@ -87,7 +87,7 @@ class CategoricalEncoding:
 
 @dataclasses.dataclass(frozen=True)
 class ConversionSummary:
-    """What a converter read and wrote.
+    """Counts of a finished conversion.
 
     Attributes:
         schema: the dataset's schema.
@@ -128,8 +128,8 @@ class CsvLayout:
         names: column names in file order.
         types: Arrow type per column read; columns not listed are skipped.
         delimiter: field separator.
-        header: whether the first line holds column names (checked against
-            ``names``).
+        header: whether the first line contains column names (checked
+            against ``names``).
     """
 
     names: tuple[str, ...]
@@ -571,7 +571,7 @@ def convert_delimited(
 
 
 def _size(path: str) -> int | None:
-    """The input's size in bytes, or None for compressed input."""
+    """Return the input's size in bytes, or None for compressed input."""
     if _compression(path) is not None:
         return None
     fs, local = filesystem(path)

@@ -1,9 +1,9 @@
 """Convert Criteo display-advertising logs to a dataset.
 
 Input: the raw Kaggle/Terabyte files (tab-separated, no header: label,
-I1-I13, C1-C26) or the comma-separated variant with a header line (as in
-DeepCTR's ``criteo_sample.txt``); the format is detected from the first
-line. Plain or compressed (``.gz``, ``.zst``, ...), local or any fsspec URL.
+I1-I13, C1-C26) or the comma-separated variant with a header line, as in
+DeepCTR's ``criteo_sample.txt``. The first line tells which. Files may be
+plain or compressed (``.gz``, ``.zst``, ...), local or any fsspec URL.
 
 Output features, all sparse (39 fields, I1-I13 then C1-C26):
 
