@@ -95,7 +95,7 @@ class RowGroupArrays:
         num_rows: N.
         single: one (N,) int64 array per ``sparse`` feature, in schema order.
         lists: (values int64, offsets (N + 1,) int64) per ``sparse_list``
-            feature, in schema order; row i holds values[offsets[i]:offsets[i + 1]].
+            feature, in schema order; row i contains values[offsets[i]:offsets[i + 1]].
         dense: one (N,) float32 array per dense feature, in schema order.
         labels: (N,) label column as stored (integer or float).
         teacher_logits: (N,) float32 cached teacher logits in file row order,
@@ -138,12 +138,12 @@ _MIN_MEAN_RUN_ROWS = 32
 
 
 class BatchAssembler:
-    """Collects rows of row groups and builds one Batch from them.
+    """Collector of rows of row groups that builds one Batch from them.
 
     Rows are added as (N_i,) arrays of row indices into a
     :class:`RowGroupArrays`. Runs of consecutive indices are copied as
     slices, so rows in file order or in long shuffled blocks cost one copy
-    per column and run; scattered indices are gathered with ``np.take``.
+    per column and run. Scattered indices are gathered with ``np.take``.
 
     The KJT is built key-major, as TorchRec lays it out: all rows of the
     first feature, then all rows of the next.
@@ -166,7 +166,7 @@ class BatchAssembler:
             self.num_rows += len(rows)
 
     def build(self) -> Batch:
-        """The batch of every row added so far; the assembler is empty after."""
+        """Build the batch of every row added so far and empty the assembler."""
         parts, num_rows = self._parts, self.num_rows
         self._parts, self.num_rows = [], 0
 
@@ -264,7 +264,7 @@ def _column(arrays: RowGroupArrays, group: str, index: int) -> np.ndarray:
 def _take_pieces(
     parts: list[tuple[RowGroupArrays, _Rows]], group: str, index: int
 ) -> list[np.ndarray]:
-    """The selected rows of one column, as one piece per run or part."""
+    """Take the selected rows of one column, as one piece per run or part."""
     pieces: list[np.ndarray] = []
     for arrays, rows in parts:
         column = _column(arrays, group, index)
@@ -276,7 +276,7 @@ def _take_pieces(
 
 
 def _take_single(parts: list[tuple[RowGroupArrays, _Rows]]) -> list[np.ndarray]:
-    """The selected rows of every single-id column, key-major, as pieces."""
+    """Take the selected rows of every single-id column, key-major, as pieces."""
     runs = parts[0][1].runs
     if len(parts) == 1 and runs is not None:
         arrays = parts[0][0]
