@@ -150,6 +150,18 @@ def plan_sharding(
             return planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
         return planner.plan(model, sharders)
 
+    return manual_plan(ebc, sharding, sharder, world_size, local_world_size, device)
+
+
+def manual_plan(
+    ebc: EmbeddingBagCollection,
+    sharding: str,
+    sharder: EmbeddingBagCollectionSharder,
+    world_size: int,
+    local_world_size: int,
+    device: torch.device,
+) -> ShardingPlan:
+    """A plan that gives every table of ``ebc`` the sharding type ``sharding``."""
     generators = manual_generators(ebc, sharding, world_size, local_world_size)
     module_plan = construct_module_sharding_plan(
         ebc,
