@@ -21,6 +21,7 @@ from kd_dagfm.data.reader import load_schema
 from kd_dagfm.data.synthetic import generate_synthetic
 from kd_dagfm.data.writer import write_dataset
 from kd_dagfm.distributed import MANUAL_SHARDING_TYPES, dmp_engine_factory
+from kd_dagfm.distributed.spawn import run_local_ranks
 from kd_dagfm.errors import ConfigError
 from kd_dagfm.model import KDDAGFM
 from kd_dagfm.phases import Phase
@@ -28,7 +29,6 @@ from kd_dagfm.pipeline import local_engine_factory
 from kd_dagfm.train.checkpoint import CheckpointManager
 from kd_dagfm.train.trainer import PhaseTrainer
 from tests.conftest import tiny_config
-from tests.dist_harness import run_ranks
 
 pytestmark = pytest.mark.distributed
 
@@ -245,7 +245,7 @@ def compared(
     tmp_path_factory: pytest.TempPathFactory, dataset: str
 ) -> list[dict[str, Any]]:
     output = tmp_path_factory.mktemp("compare")
-    return run_ranks(
+    return run_local_ranks(
         compare_with_unsharded, WORLD_SIZE, str(output), dataset, timeout_s=240
     )
 
@@ -350,7 +350,9 @@ def test_ml100k_pipeline_on_two_ranks(tmp_path: Path, ml100k_dataset: str) -> No
         max_steps_per_epoch=4,
         learning_rate=0.01,
     )
-    results = run_ranks(ml100k_pipeline, WORLD_SIZE, config.to_dict(), timeout_s=300)
+    results = run_local_ranks(
+        ml100k_pipeline, WORLD_SIZE, config.to_dict(), timeout_s=300
+    )
     for mine, other in zip(results[0], results[1]):
         assert mine["valid"] == other["valid"]
         assert mine["test"] == other["test"]

@@ -23,12 +23,12 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from kd_dagfm.config import RunConfig
 from kd_dagfm.data.reader import load_schema
 from kd_dagfm.distributed import check_resumable, dmp_engine_factory
+from kd_dagfm.distributed.spawn import free_port, run_local_ranks
 from kd_dagfm.errors import CheckpointError
 from kd_dagfm.model import KDDAGFM
 from kd_dagfm.phases import Phase
 from kd_dagfm.pipeline import run_phase
 from kd_dagfm.train.checkpoint import CheckpointInfo, CheckpointManager
-from tests.dist_harness import free_port, run_ranks
 from tests.test_distributed import small_config, small_dataset
 
 pytestmark = pytest.mark.distributed
@@ -238,7 +238,7 @@ def story(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     )
     found: dict[str, Any] = {"root": root}
 
-    first, column_wise, data_parallel = run_ranks(
+    first, column_wise, data_parallel = run_local_ranks(
         first_launch, 2, base.replace(sharding="row_wise").to_dict(), timeout_s=240
     )[0]
     found["first"] = first
@@ -248,7 +248,7 @@ def story(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     found["epoch_1"] = read_whole(epoch_1.path, root)
     found["epoch_1_meta"] = epoch_1.meta
 
-    found["second"] = run_ranks(
+    found["second"] = run_local_ranks(
         second_launch,
         1,
         base.replace(sharding="table_wise", epochs=2).to_dict(),
@@ -264,7 +264,7 @@ def story(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     model_file = str(root / "local" / "teacher_training" / "model.pt")
     found["model_file"] = torch.load(model_file, weights_only=True)["model"]
 
-    found["third"] = run_ranks(
+    found["third"] = run_local_ranks(
         third_launch,
         2,
         base.replace(sharding="row_wise", epochs=3).to_dict(),

@@ -26,11 +26,11 @@ from kd_dagfm.distributed.planning import (
     manual_generators,
     manual_plan,
 )
+from kd_dagfm.distributed.spawn import free_port
 from kd_dagfm.errors import ConfigError
 from kd_dagfm.modules.sparse import embedding_bag_configs
 from kd_dagfm.schema import make_schema
 from tests.conftest import REPO
-from tests.dist_harness import free_port
 
 
 def test_pad_batch_appends_id_zero_rows() -> None:

@@ -1,10 +1,12 @@
-"""Run a function on N local gloo ranks and collect what each rank returns.
+"""Run a function on N local ranks and collect what each rank returns.
 
 Each rank is a fresh process (``spawn``) with the torch.distributed
-environment of a ``torchrun`` worker on 127.0.0.1 and ``OMP_NUM_THREADS=1``.
-A rank's return value (or its exception) is pickled into ``result_dir``; a
-rank that has not finished after ``timeout_s`` fails the test, and every
-rank still running is terminated.
+environment a ``torchrun`` worker on 127.0.0.1 gets, ``OMP_NUM_THREADS=1``
+and one intra-op thread. A rank's return value (or its traceback) is
+pickled into a temporary directory. When a rank fails or ``timeout_s``
+passes, every rank still running is terminated (the others would wait in a
+collective until the process-group timeout). Tests and benchmark jobs use
+this to start gloo ranks; run it inside ``scripts/loopback.sh``.
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ import torch.multiprocessing as mp
 DEFAULT_TIMEOUT_S = 180.0
 
 
-class RankFailed(AssertionError):
-    """A rank raised; the message holds its traceback."""
+class RankFailed(RuntimeError):
+    """A rank raised, died or timed out; the message holds its traceback."""
 
 
 def free_port() -> int:
@@ -34,7 +36,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def run_ranks(
+def run_local_ranks(
     fn: Callable[..., Any],
     world_size: int,
     *args: Any,
