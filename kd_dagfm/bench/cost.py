@@ -86,11 +86,14 @@ def model_cost(
     )
 
 
-def measure_latency(model: KDDAGFM, role: str, batch: Batch, calls: int) -> Latency:
-    """Time ``calls`` inference passes of the sparse arch and one tower.
+def measure_latency(
+    model: KDDAGFM, role: str, batch: Batch, calls: int, budget_s: float = 20.0
+) -> Latency:
+    """Time up to ``calls`` inference passes of the sparse arch and one tower.
 
-    The model runs in eval mode under ``torch.inference_mode``; five
-    untimed passes come first.
+    The model runs in eval mode under ``torch.inference_mode``, after two
+    untimed passes. A model slower than ``budget_s / calls`` per pass gets
+    fewer passes, but at least five.
     """
     # The teacher runs alone in teacher_training, the student in finetuning.
     phase = Phase.TEACHER_TRAINING if role == "teacher" else Phase.FINETUNING
@@ -98,11 +101,15 @@ def measure_latency(model: KDDAGFM, role: str, batch: Batch, calls: int) -> Late
     model.eval()
     times_ms: list[float] = []
     with torch.inference_mode():
-        for index in range(calls + 5):
+        for _ in range(2):
             started = time.perf_counter()
             model(batch.sparse_features, batch.dense_features, phase)
-            if index >= 5:
-                times_ms.append((time.perf_counter() - started) * 1e3)
+        warm_s = time.perf_counter() - started
+        calls = max(5, min(calls, int(budget_s / max(warm_s, 1e-9))))
+        for _ in range(calls):
+            started = time.perf_counter()
+            model(batch.sparse_features, batch.dense_features, phase)
+            times_ms.append((time.perf_counter() - started) * 1e3)
     model.train(was_training)
     return Latency(
         batch_size=len(batch),
