@@ -3,12 +3,13 @@
 One command measures what KD-DAGFM promises, a student that keeps the
 teacher's accuracy at a fraction of its cost, on this system:
 
-1. Accuracy: on every dataset (synthetic data with planted three-field
-   crosses, MovieLens-100K, the 200-row Criteo sample as a smoke check) and
-   for both teachers (CrossNet, CIN), the teacher, the student right after
-   distillation, the student after finetuning, and the student trained
-   from scratch without a teacher; test AUC and log loss, mean and sample
-   standard deviation over seeds.
+1. Accuracy: the datasets are synthetic data with planted three-field
+   crosses, MovieLens-100K, and the 200-row Criteo sample as a smoke check.
+   For each dataset and teacher (CrossNet, CIN) the job trains the teacher,
+   the student right after distillation and the student after finetuning,
+   and for each dataset the student from scratch without a teacher. It
+   reports test AUC and log loss as mean and sample standard deviation
+   over seeds.
 2. Cost: parameters, counted FLOPs per example and inference latency
    (p50/p99 at batch 1 and 512) of each teacher and student, and the
    student's FLOPs as a fraction of each teacher's.
@@ -39,6 +40,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -89,7 +91,7 @@ TEACHER_LABELS = {"crossnet": "CrossNet", "cin": "CIN"}
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    """What one benchmark run trains and measures.
+    """Settings of one benchmark run: what it trains and measures.
 
     Attributes:
         quick: tiny models and data (the test suite's mode).
@@ -169,8 +171,8 @@ def settings_for(quick: bool, threads: int, seeds: int) -> Settings:
 # ---------------------------------------------------------------- datasets
 
 
-# Seed of the synthetic data and of the ml-100k split: every training seed
-# sees the same dataset.
+# Seed of the synthetic data and of the Criteo sample's split, so every
+# training seed uses the same dataset.
 DATA_SEED = 2022
 
 
@@ -288,7 +290,8 @@ def run_accuracy(settings: Settings, work: Path) -> list[AccuracyRun]:
 
 
 def accuracy_rows(runs: Sequence[AccuracyRun]) -> list[dict[str, Any]]:
-    """One row per dataset and model: test AUC and log loss over seeds."""
+    """Summarise the runs as one row per dataset and model (test AUC and
+    log loss over seeds)."""
     rows = []
     datasets = list(dict.fromkeys(r.dataset for r in runs))
     for dataset in datasets:
@@ -456,7 +459,7 @@ def run_roofline(
 
 
 def provenance(command: str) -> str:
-    """The line that opens each section: command, time and load average."""
+    """Return the line that opens each section: command, time and load average."""
     return (
         f"*Produced by `{command}` on "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load average "
@@ -756,6 +759,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(settings.threads)
     default_output = "runs/benchmark-quick" if args.quick else "runs/benchmark"
     work = Path(args.output_dir or default_output).resolve()
+    # A run trains from scratch: the subdirectories a previous run left would
+    # be resumed (or rejected when the settings differ).
+    for stale in ("accuracy", "data", "speed", "roofline"):
+        shutil.rmtree(work / stale, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
     doc = (
         Path(args.doc)

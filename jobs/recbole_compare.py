@@ -1,10 +1,10 @@
 """kd-dagfm against RecBole 1.2.1's KD_DAGFM: training examples/s per phase.
 
-Both systems train the same three phases on the same MovieLens-100K files
-(RecBole's own ``dataset_example/ml-100k``, byte for byte the copy in
-``../shared/data``), with the same seven fields, model sizes (CrossNet
-teacher, outer DAGFM student, embedding 16, depths 3), batch size, Adam
-learning rate and thread count. RecBole runs in its own virtual environment
+Both systems train the same three phases on the same MovieLens-100K files:
+RecBole reads its own ``dataset_example/ml-100k``, which the job checks is
+byte for byte the copy kd-dagfm converts. Both use the same seven fields,
+model sizes (CrossNet teacher, outer DAGFM student, embedding 16, depths
+3), batch size, Adam learning rate and thread count. RecBole runs in its own virtual environment
 (``scripts/setup_recbole_venv.sh``), as a subprocess
 (``jobs/_recbole_worker.py``); kd-dagfm runs in this process with the
 in-memory reader. Each repeat runs both, alternating which goes first, and
@@ -121,7 +121,7 @@ class Comparison:
 
 
 def recbole_python(venv: Path) -> Path | None:
-    """The RecBole environment's interpreter, or None when it is not set up."""
+    """Return the RecBole environment's interpreter, or None when it is not set up."""
     python = venv / "bin" / "python"
     return python if python.exists() else None
 
@@ -140,7 +140,7 @@ def setup_recbole(venv: Path) -> Path:
 
 
 def files_identical(ours: Path, python: Path) -> bool:
-    """Whether RecBole's bundled ml-100k files equal ours byte for byte."""
+    """Check whether RecBole's bundled ml-100k files equal ours byte for byte."""
     probe = subprocess.run(
         [
             str(python),
@@ -166,7 +166,7 @@ def files_identical(ours: Path, python: Path) -> bool:
 def ours_config(
     ml100k: Path, output_dir: Path, epochs: int, batch_size: int, seed: int
 ) -> RunConfig:
-    """kd-dagfm's run with RecBole's KD_DAGFM defaults on ml-100k."""
+    """Build kd-dagfm's run with RecBole's KD_DAGFM defaults on ml-100k."""
     return build_config(
         {
             "dataset": str(ml100k),
@@ -221,6 +221,7 @@ def run_recbole(
 ) -> list[PhaseSpeed]:
     """Run the RecBole worker in its environment and read its JSON."""
     workdir.mkdir(parents=True, exist_ok=True)
+
     output = workdir / "recbole.json"
     env = dict(os.environ)
     # RecBole 1.2.1 pickles its Config into checkpoints, which PyTorch >= 2.6
@@ -243,6 +244,7 @@ def run_recbole(
         "--seed",
         str(seed),
     ]
+
     completed = subprocess.run(
         command, cwd=workdir, env=env, capture_output=True, text=True
     )
@@ -251,6 +253,7 @@ def run_recbole(
             f"the RecBole worker failed with exit code {completed.returncode}: "
             f"{completed.stderr[-3000:]}"
         )
+
     data = json.loads(output.read_text())
     speeds = []
     for phase in data["phases"]:
