@@ -1,4 +1,4 @@
-"""What a model costs: parameters, counted FLOPs and inference latency."""
+"""Model cost: parameters, counted FLOPs and inference latency."""
 
 from __future__ import annotations
 
@@ -120,7 +120,7 @@ def measure_latency(
 
 
 def percentile(values: list[float], q: float) -> float:
-    """The ``q``-th percentile of ``values`` with linear interpolation."""
+    """Return the ``q``-th percentile of ``values``, interpolated linearly."""
     ordered = sorted(values)
     position = (len(ordered) - 1) * q / 100.0
     lower = int(position)

@@ -25,7 +25,7 @@ def median(values: Sequence[float]) -> float:
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """A GitHub-flavoured Markdown table."""
+    """Format a GitHub-flavoured Markdown table."""
     lines = ["| " + " | ".join(header) + " |"]
     lines.append("|" + "|".join("---" for _ in header) + "|")
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
@@ -33,7 +33,7 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def machine_description() -> str:
-    """CPU model, cores, memory and software versions of this machine."""
+    """Describe this machine: CPU model, cores, memory and software versions."""
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
@@ -59,7 +59,7 @@ def machine_description() -> str:
 
 
 def load_average() -> str:
-    """The 1, 5 and 15 minute load averages, or 'unknown'."""
+    """Return the 1, 5 and 15 minute load averages, or 'unknown'."""
     try:
         one, five, fifteen = os.getloadavg()
     except OSError:

@@ -9,10 +9,10 @@ thread count of the run), and the FLOPs and bytes of one training step per
 example. FLOPs are counted by ``torch.utils.flop_counter`` (matmuls,
 einsums and convolutions, forward and backward). Bytes are the sizes of
 every tensor each ATen operator reads and writes during the step, counted
-as if no operator found its inputs in cache; real traffic is lower, so the
-memory term of the bound is pessimistic, and the bound is optimistic only
-through the matmul rate, which small matmuls reach less often than the
-large square ones it is measured on.
+as if no operator found its inputs in cache. Real traffic is lower, so the
+memory term of the bound is pessimistic. The compute term is optimistic:
+small matmuls run slower than the large square ones the rate is measured
+on.
 """
 
 from __future__ import annotations
@@ -155,7 +155,7 @@ class StepCost:
     bytes_per_example: float
 
     def bound_examples_per_s(self, peak: MachinePeak) -> float:
-        """The roofline bound on training examples/s on ``peak``'s machine."""
+        """Return the roofline bound on training examples/s on ``peak``'s machine."""
         compute_s = self.flops_per_example / (peak.matmul_gflops * 1e9)
         memory_s = self.bytes_per_example / (peak.bandwidth_gbs * 1e9)
         return 1.0 / max(compute_s, memory_s, 1e-30)

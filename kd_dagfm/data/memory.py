@@ -55,7 +55,7 @@ class InMemorySplit:
         name: the split's name (train, valid or test), for messages.
         num_rows: N.
         single: (F_single X N) int64 ids of the ``sparse`` features, in
-            schema order; each feature's ids are contiguous, so a batch's
+            schema order. Each feature's ids are contiguous, so a batch's
             ids of one feature are one slice.
         lists: (values int64, offsets (N + 1,) int64) per ``sparse_list``
             feature, in schema order.
@@ -147,10 +147,10 @@ class InMemorySplit:
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def take(self, rows: torch.Tensor) -> InMemorySplit:
-        """The split of rows ``rows`` ((N',) int64 indices), in that order.
+        """Return the split of rows ``rows`` ((N',) int64 indices), in that order.
 
-        One bulk gather per column: each column is read in one pass, which
-        costs far less than gathering the same rows batch by batch.
+        Each column is gathered in one pass, which costs far less than
+        gathering the same rows batch by batch.
         """
         lists = []
         for ids, offsets in self.lists:
@@ -180,7 +180,7 @@ class InMemorySplit:
         )
 
     def batch(self, begin: int, end: int) -> Batch:
-        """The batch of rows ``begin .. end - 1``, sliced without a gather."""
+        """Slice the batch of rows ``begin .. end - 1`` (no gather)."""
         batch_size = end - begin
         single = self.single[:, begin:end]  # (F_single, B)
         list_index = single_index = 0

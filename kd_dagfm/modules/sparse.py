@@ -119,11 +119,11 @@ class SparseArch(nn.Module):
 
         Gives the collection's result: a ``sparse`` feature has exactly one
         id per row (the readers build it so), and sum pooling of one row is
-        that row. Reading it with ``index_select`` instead of
-        ``embedding_bag`` makes the backward pass an ``index_add`` without
-        sorting the ids; forward and backward of one 2048-row lookup then
-        take about a third of the time on a CPU (measured with PyTorch
-        2.13 on a 2-core AMD EPYC).
+        that row. Read with ``index_select`` instead of ``embedding_bag``,
+        its backward pass is an ``index_add`` that does not sort the ids.
+        Forward and backward of one 2048-row lookup then take about a third
+        of the time on a CPU (measured with PyTorch 2.13 on a 2-core AMD
+        EPYC).
 
         Returns:
             one (B X D) tensor per sparse feature, in schema order.
