@@ -1,10 +1,10 @@
 """Training examples/s of the sharded engine per sharding type, on 1 and 2 ranks.
 
-The model is KD-DAGFM in teacher_training (CrossNet teacher, the phase
-that updates the tables) on Criteo-shaped synthetic data: 39 sparse fields,
-13 like the log2-bucketed counts (66 ids each) and 26 with the Criteo Kaggle
-cardinalities capped at ``--max_table_rows``, ids drawn from a Zipf law
-(exponent 1.1, so a few ids take most of the traffic). Every configuration
+The model is KD-DAGFM in teacher_training, the phase that updates the
+tables, with a CrossNet teacher. The data is Criteo-shaped and synthetic:
+39 sparse fields, 13 like the log2-bucketed counts (66 ids each) and 26 with
+the Criteo Kaggle cardinalities capped at ``--max_table_rows``. Ids follow a
+Zipf law (exponent 1.1), so a few ids take most of the traffic. Every configuration
 trains with the same global batch, embedding size and optimizers (Adagrad
 for the tables, Adam for the towers):
 
@@ -35,6 +35,7 @@ import os
 import platform
 import statistics
 import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import Any
@@ -50,8 +51,8 @@ logger = logging.getLogger("jobs.bench_distributed")
 
 SECTION_BEGIN = "<!-- bench_distributed:begin -->"
 SECTION_END = "<!-- bench_distributed:end -->"
-# Criteo Kaggle (Display Advertising Challenge) categorical cardinalities,
-# C1-C26, as counted in TorchRec's DLRM example for that dataset.
+# Distinct values of C1-C26 in the Criteo Kaggle (Display Advertising
+# Challenge) training set, the per-field counts DLRM benchmarks use.
 CRITEO_KAGGLE_CARDINALITIES = (
     1460, 583, 10131227, 2202608, 305, 24, 12517, 633, 3, 93145, 5683, 8351593,
     3194, 27, 14992, 5461306, 10, 5652, 2173, 4, 7046547, 18, 15, 286181, 105,
@@ -181,19 +182,27 @@ def run_config(
 
 def format_section(args: argparse.Namespace, rows: list[dict[str, Any]]) -> str:
     baseline = next(r for r in rows if r["engine"] == "single process")
+    summary = (
+        "Training examples/s of teacher_training under TorchRec's "
+        "DistributedModelParallel, per sharding type on 1 and 2 gloo ranks, next "
+        "to one process without it. The module docstring of "
+        "`jobs/bench_distributed.py` describes the data and the timing. Global "
+        f"batch {args.batch_size}, embedding size {args.embedding_size}, 39 fields "
+        f"(26 with Criteo Kaggle cardinalities capped at {args.max_table_rows:,} "
+        "rows), CrossNet teacher of depth 3, Adagrad tables and Adam towers; "
+        f"{args.windows} windows of {args.window_steps} steps after "
+        f"{args.warmup_steps} warm-up steps, medians."
+    )
+    machine = (
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch "
+        f"{torch.__version__}, one intra-op thread per rank, "
+        f"{time.strftime('%Y-%m-%d')}."
+    )
     lines = [
         SECTION_BEGIN,
         "## Sharded training throughput",
         "",
-        "Training examples/s of teacher_training under TorchRec's",
-        "DistributedModelParallel, per sharding type on 1 and 2 gloo ranks, next to",
-        "one process without it (`python -m jobs.bench_distributed`; the module",
-        "docstring describes the data and the timing). Global batch",
-        f"{args.batch_size}, embedding size {args.embedding_size}, 39 fields (26",
-        f"Criteo Kaggle cardinalities capped at {args.max_table_rows:,} rows),",
-        "CrossNet teacher of depth 3, Adagrad tables and Adam towers;",
-        f"{args.windows} windows of {args.window_steps} steps after",
-        f"{args.warmup_steps} warm-up steps, medians.",
+        textwrap.fill(summary, 76),
         "",
         "Command:",
         "",
@@ -202,9 +211,7 @@ def format_section(args: argparse.Namespace, rows: list[dict[str, Any]]) -> str:
         + " ".join(args.argv),
         "```",
         "",
-        f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch "
-        f"{torch.__version__}, one intra-op thread per rank, "
-        f"{time.strftime('%Y-%m-%d')}.",
+        textwrap.fill(machine, 76),
         "",
         "| engine | ranks | sharding | tables per type | examples/s (median) | min | max | vs single process | table bytes per rank (max) |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -244,7 +251,7 @@ def write_section(path: str, section: str, notes: str) -> None:
 
 
 def existing_notes(path: str) -> str:
-    """The hand-written notes after the table in the current section, if any."""
+    """Return the hand-written notes after the table in the current section, if any."""
     if not Path(path).exists():
         return ""
     text = Path(path).read_text(encoding="utf-8")
@@ -282,7 +289,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     args.argv = argv
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    # Importing fbgemm installs a root handler first, hence force=True.
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True
+    )
     if args.batch_size % max(args.world_sizes):
         parser.error(f"--batch_size must be divisible by {max(args.world_sizes)}")
 

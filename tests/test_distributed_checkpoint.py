@@ -6,8 +6,8 @@ One story, three launches: 2 ranks (row_wise) train an epoch of
 teacher_training; 1 rank (table_wise) resumes it and trains another; 2 ranks
 (row_wise) resume that. Before each resume the final checkpoint is removed,
 as if the run had stopped after its epoch checkpoint. Each launch also loads
-the checkpoint into a bare engine, and the test compares what every rank
-holds with the checkpoint read back whole (``dcp_to_torch_save``).
+the checkpoint into a bare engine, and the test compares every rank's
+shards with the checkpoint read back whole (``dcp_to_torch_save``).
 """
 
 from __future__ import annotations
@@ -158,25 +158,41 @@ def first_launch(rank: int, world_size: int, config_dict: dict[str, Any]) -> Any
     data_parallel = _save_engine_checkpoint(
         config.replace(output_dir=config.train.output_dir + "-dp"), "data_parallel"
     )
-    return result.to_dict(), column_wise, data_parallel
+    column_wise_adagrad = _save_engine_checkpoint(
+        config.replace(
+            output_dir=config.train.output_dir + "-cw-adagrad",
+            embedding_optimizer="adagrad",
+        ),
+        "column_wise",
+    )
+    return result.to_dict(), column_wise, data_parallel, column_wise_adagrad
 
 
 def second_launch(
-    rank: int, world_size: int, config_dict: dict[str, Any], checkpoint: str
+    rank: int,
+    world_size: int,
+    config_dict: dict[str, Any],
+    checkpoint: str,
+    column_wise_adagrad: str,
 ) -> Any:
-    """1 rank, table_wise: load, reject the column-wise state, resume."""
+    """1 rank, table_wise: load, reshard elementwise column-wise state, reject
+    row-wise column-wise state, resume."""
     from kd_dagfm.distributed import init_process_group
 
     init_process_group()
     config = RunConfig.from_dict(config_dict)
     loaded = _load_into_engine(config, checkpoint)
+    loaded_adagrad = _load_into_engine(
+        config.replace(sharding="column_wise", embedding_optimizer="adagrad"),
+        column_wise_adagrad,
+    )
     column_wise = _expect_checkpoint_error(
         config.replace(
             output_dir=config.train.output_dir + "-cw", sharding="column_wise"
         )
     )
     result = run_phase(config, Phase.TEACHER_TRAINING, dmp_engine_factory(config))
-    return loaded, column_wise, result.to_dict()
+    return loaded, column_wise, result.to_dict(), loaded_adagrad
 
 
 def third_launch(
@@ -238,9 +254,10 @@ def story(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     )
     found: dict[str, Any] = {"root": root}
 
-    first, column_wise, data_parallel = run_local_ranks(
+    first, column_wise, data_parallel, column_wise_adagrad = run_local_ranks(
         first_launch, 2, base.replace(sharding="row_wise").to_dict(), timeout_s=240
     )[0]
+    found["column_wise_adagrad"] = read_whole(column_wise_adagrad, root)
     found["first"] = first
     found["column_wise_checkpoint"] = column_wise
     found["data_parallel_checkpoint"] = data_parallel
@@ -253,6 +270,7 @@ def story(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         1,
         base.replace(sharding="table_wise", epochs=2).to_dict(),
         epoch_1.path,
+        column_wise_adagrad,
         timeout_s=240,
     )[0]
     epoch_2 = _drop_final(checkpoints)
@@ -294,12 +312,22 @@ def test_restore_two_ranks_into_one(story: dict[str, Any]) -> None:
     assert loaded[table][0][1].shape == story["epoch_1"][table].shape
 
 
+def test_column_wise_adagrad_state_reshards(story: dict[str, Any]) -> None:
+    """Per-element Adagrad state of column shards loads into one whole table."""
+    loaded = story["second"][3]
+    assert_matches_checkpoint(
+        loaded, story["column_wise_adagrad"], "column_wise x2 -> column_wise x1"
+    )
+    momentum = next(k for k in loaded if k.endswith("t_C1.momentum1"))
+    assert loaded[momentum][0][1].shape == (12, 8)
+
+
 def test_restore_one_rank_into_two(story: dict[str, Any]) -> None:
     for rank, launch in enumerate(story["third"]):
         assert_matches_checkpoint(
             launch[0], story["epoch_2"], f"table_wise x1 -> row_wise x2, rank {rank}"
         )
-    # Row-wise: each rank holds part of the rows, together all of them.
+    # Row-wise: each rank has part of the rows, and together they have all.
     table = f"model.{TABLES}.embedding_bags.t_C1.weight"
     rows = sum(launch[0][table][0][1].shape[0] for launch in story["third"])
     assert rows == story["epoch_2"][table].shape[0]

@@ -57,6 +57,9 @@ FUSED_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "adam": torch.optim.Adam,
 }
 # FBGEMM's CPU kernels (fbgemm-gpu-cpu 1.8) implement only these; Adam asserts.
+# NOTE: the GPU path (NCCL, fused Adam, CUDA metric state) has not run yet,
+# because the test machine has no GPU; tests/test_distributed.py on 2 GPUs
+# with the NCCL backend is the check to run first.
 CPU_FUSED_OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad")
 # Optimizers whose state has one value per table row rather than per element.
 ROWWISE_STATE_OPTIMIZERS = ("rowwise_adagrad",)
@@ -65,10 +68,10 @@ ROWWISE_STATE_OPTIMIZERS = ("rowwise_adagrad",)
 class DMPEngine:
     """One rank of a DistributedModelParallel KDDAGFM for one phase.
 
-    The tables always get the fused optimizer, also in distillation: there
-    ``KDDAGFM.forward`` computes the embeddings under ``torch.no_grad``, so
-    no gradient reaches the fused kernels and the tables keep their weights,
-    while the checkpoint layout stays the same in every phase.
+    The tables get the fused optimizer in every phase, so the checkpoint
+    layout is the same in all three. In distillation ``KDDAGFM.forward``
+    computes the embeddings under ``torch.no_grad``, so no gradient reaches
+    the fused kernels and the tables keep their weights.
 
     Args:
         model: the unsharded model, built identically on every rank.
@@ -94,6 +97,15 @@ class DMPEngine:
                 "the sharded engine needs torch.distributed: call "
                 "kd_dagfm.distributed.init_process_group() on every rank first"
             )
+        # TorchRec divides the sharded tables' gradients by the world size in
+        # its backward all-to-all and DDP averages the rest, so a step on W
+        # ranks equals a single-process step on the global batch.
+        if not get_gradient_division():
+            raise ConfigError(
+                "torchrec.distributed.comm_ops.set_gradient_division(False) was "
+                "called; the sharded engine needs the default (True) so that table "
+                "gradients are averaged over ranks like the dense ones"
+            )
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
         self.device = device or rank_device()
@@ -117,11 +129,10 @@ class DMPEngine:
             _embedding_optimizer_kwargs(self.embedding_optimizer, embedding_lr),
         )
 
-        # DistributedModelParallel allocates and initialises the sharded tables
-        # itself; copy the model's weights in, so a sharded run starts from the
-        # same (seeded) weights as a single-process one.
-        # Tables built on the meta device have no weights to copy; the
-        # sharded module then initialises its shards itself.
+        # DistributedModelParallel allocates and initialises the shards itself.
+        # Copying the model's tables in afterwards makes a sharded run start
+        # from the same seeded weights as a single process. Tables built on
+        # the meta device have no weights, so their shards keep DMP's init.
         initial_tables = {
             f"{EBC_PATH}.{name}": tensor.detach().clone()
             for name, tensor in ebc.state_dict().items()
@@ -150,20 +161,24 @@ class DMPEngine:
         )
         self.model: nn.Module = dmp
         copy_into_state(initial_tables, dmp.state_dict())
-        # TorchRec divides the sharded tables' gradients by the world size in
-        # its backward all-to-all (comm_ops.GRADIENT_DIVISION, on by default)
-        # and DDP averages the rest, so a step on W ranks equals a
-        # single-process step on the global batch.
-        if not get_gradient_division():
-            raise ConfigError(
-                "torchrec.distributed.comm_ops.set_gradient_division(False) was "
-                "called; the sharded engine needs the default (True) so that table "
-                "gradients are averaged over ranks like the dense ones"
-            )
+        self.stepped_optimizers = self._stepped_optimizers(dmp, fused_class)
+        self.optimizer = CombinedOptimizer(
+            [dmp.fused_optimizer, *self.stepped_optimizers]
+        )
+        self._log_plan(table_shapes)
 
-        # Sharded tables update in backward (dmp.fused_optimizer). Data-parallel
-        # tables use TorchRec's dense kernel, whose gradients DDP all-reduces;
-        # they get the same optimizer as a torch optimizer after backward.
+    def _stepped_optimizers(
+        self, dmp: DistributedModelParallel, fused_class: type[torch.optim.Optimizer]
+    ) -> list[KeyedOptimizer]:
+        """Build the optimizers that step after ``backward()``.
+
+        Sharded tables update inside backward (``dmp.fused_optimizer``).
+        Data-parallel tables use TorchRec's dense kernel, whose gradients DDP
+        all-reduces, so they get the torch optimizer of the same kind. The
+        towers get Adam.
+        """
+        train = self.config.train
+        embedding_lr = train.embedding_learning_rate or train.learning_rate
         dense: dict[str, Any] = {}
         replicated_tables: dict[str, Any] = {}
         for name, parameter in in_backward_optimizer_filter(dmp.named_parameters()):
@@ -171,7 +186,7 @@ class DMPEngine:
                 replicated_tables[name] = parameter
             elif parameter.requires_grad:
                 dense[name] = parameter
-        self.stepped_optimizers: list[KeyedOptimizer] = [
+        optimizers: list[KeyedOptimizer] = [
             KeyedOptimizerWrapper(
                 dense,
                 lambda params: torch.optim.Adam(
@@ -184,21 +199,13 @@ class DMPEngine:
             )
         ]
         if replicated_tables:
-            self.stepped_optimizers.append(
+            kwargs = _embedding_optimizer_kwargs(self.embedding_optimizer, embedding_lr)
+            optimizers.append(
                 KeyedOptimizerWrapper(
-                    replicated_tables,
-                    lambda params: fused_class(
-                        params,
-                        **_embedding_optimizer_kwargs(
-                            self.embedding_optimizer, embedding_lr
-                        ),
-                    ),
+                    replicated_tables, lambda params: fused_class(params, **kwargs)
                 )
             )
-        self.optimizer = CombinedOptimizer(
-            [dmp.fused_optimizer, *self.stepped_optimizers]
-        )
-        self._log_plan(table_shapes)
+        return optimizers
 
     @property
     def unwrapped(self) -> KDDAGFM:
@@ -220,7 +227,7 @@ class DMPEngine:
         return self.model.state_dict()
 
     def optimizer_state(self) -> dict[str, Any]:
-        """Both optimizers' state, keyed by parameter name.
+        """Return the state of every optimizer, keyed by parameter name.
 
         Adam creates its state on the first step; before that a zero-gradient
         step materialises it, so that ``dcp.load`` finds a tensor for every

@@ -74,10 +74,10 @@ def host_memory_bytes() -> int:
 
 
 def rank_memory(device: torch.device, local_world_size: int) -> RankMemory:
-    """This rank's share of host memory and, on a GPU, its free HBM.
+    """Measure this rank's share of host memory and, on a GPU, its free HBM.
 
-    The result is reduced to the minimum over all ranks, so every rank (and
-    the planner on rank 0) sees the tightest one.
+    Both are reduced to the minimum over all ranks, so the planner on rank 0
+    plans with the tightest rank's memory.
     """
     ddr = host_memory_bytes() // max(local_world_size, 1)
     hbm = 0
@@ -111,11 +111,11 @@ def plan_sharding(
     device: torch.device,
     batch_size_per_rank: int,
 ) -> ShardingPlan:
-    """The sharding plan of KDDAGFM's EmbeddingBagCollection.
+    """Plan the sharding of KDDAGFM's EmbeddingBagCollection.
 
-    Call on every rank (the planner plans on rank 0 and broadcasts); the
-    fused embedding optimizer must already be attached with
-    ``apply_optimizer_in_backward``, because it decides the compute kernel.
+    Call it on every rank: the planner plans on rank 0 and broadcasts. Attach
+    the fused embedding optimizer with ``apply_optimizer_in_backward`` first,
+    because it decides the compute kernel.
 
     Args:
         model: the unsharded KDDAGFM.
@@ -161,7 +161,7 @@ def manual_plan(
     local_world_size: int,
     device: torch.device,
 ) -> ShardingPlan:
-    """A plan that gives every table of ``ebc`` the sharding type ``sharding``."""
+    """Build a plan that gives every table of ``ebc`` the sharding type ``sharding``."""
     generators = manual_generators(ebc, sharding, world_size, local_world_size)
     module_plan = construct_module_sharding_plan(
         ebc,
@@ -180,11 +180,11 @@ def manual_generators(
     world_size: int,
     local_world_size: int,
 ) -> dict[str, ParameterShardingGenerator]:
-    """One parameter-sharding generator per table, all of type ``sharding``.
+    """Return one parameter-sharding generator per table, all of type ``sharding``.
 
-    table_wise places tables greedily on the rank with the fewest rows so far
-    (largest first); table_row_wise spreads tables over hosts the same way and
-    splits each by rows within its host.
+    table_wise places the largest table first, each on the rank with the
+    fewest table elements so far. table_row_wise spreads tables over hosts
+    the same way and splits each by rows over the ranks of its host.
     """
     configs = {c.name: c for c in ebc.embedding_bag_configs()}
     if sharding not in MANUAL_SHARDING_TYPES:
@@ -293,7 +293,7 @@ def _shard_bytes(rows: int, columns: int, optimizer: str, element_bytes: int) ->
 def format_plan(
     plan: dict[str, dict[str, Any]], bytes_per_rank: list[int], available_bytes: int
 ) -> str:
-    """A multi-line text table of the plan for the log."""
+    """Format the plan and the memory per rank as a text table for the log."""
     lines = ["table | sharding | kernel | ranks | shards (rows x columns @ rank)"]
     for table, entry in plan.items():
         shards = ", ".join(f"{r}x{c}@{k}" for r, c, _, _, k in entry["shards"])

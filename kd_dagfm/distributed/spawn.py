@@ -27,7 +27,7 @@ DEFAULT_TIMEOUT_S = 180.0
 
 
 class RankFailed(RuntimeError):
-    """A rank raised, died or timed out; the message holds its traceback."""
+    """A rank raised, died or timed out; the message contains its traceback."""
 
 
 def free_port() -> int:
