@@ -44,7 +44,7 @@ def aligned_batches(
 
 
 def empty_batch(schema: FeatureSchema) -> Batch:
-    """A batch of zero rows with the features of ``schema``."""
+    """Build a batch of zero rows with the features of ``schema``."""
     keys = [f.name for f in schema.sparse_features]
     return Batch(
         sparse_features=KeyedJaggedTensor(

@@ -1,8 +1,8 @@
 """KDDAGFM under TorchRec's DistributedModelParallel: sharded tables, fused optimizers.
 
-The embedding tables are sharded by a plan (see :mod:`.planning`) and updated
-by FBGEMM's fused optimizers inside the backward pass
-(``apply_optimizer_in_backward``); the dense towers are replicated with DDP
+The embedding tables are sharded by a plan (see :mod:`.planning`). FBGEMM's
+fused optimizers update them inside the backward pass
+(``apply_optimizer_in_backward``). The dense towers are replicated with DDP
 and updated by Adam. Both optimizers sit in one ``CombinedOptimizer`` whose
 state dict is keyed by parameter name and holds ShardedTensors for the
 tables, so ``torch.distributed.checkpoint`` can save it and reshard it.
@@ -279,7 +279,7 @@ class DMPEngine:
 
 
 def _register_model_output() -> None:
-    """Make ModelOutput a pytree node, so DDP sees the logits inside it.
+    """Register ModelOutput as a pytree node, so DDP finds the logits inside it.
 
     DDP looks for the output's tensors with torch's pytree. With TorchRec's
     default ``static_graph=True`` it queues the gradient all-reduce from an
@@ -405,14 +405,20 @@ def _fused_optimizer_class(
 
 
 def dmp_engine_factory(config: RunConfig) -> EngineFactory:
-    """An engine factory for :class:`~kd_dagfm.train.trainer.PhaseTrainer` that
-    shards the tables; call :func:`init_process_group` on every rank first.
+    """Return an engine factory for :class:`~kd_dagfm.train.trainer.PhaseTrainer`
+    that shards the tables. Call :func:`init_process_group` on every rank first.
 
     The embedding optimizer is checked here, before any phase starts.
     """
-    _fused_optimizer_class(config.train.embedding_optimizer, rank_device())
+    device = rank_device() if dist.is_initialized() else _default_device()
+    _fused_optimizer_class(config.train.embedding_optimizer, device)
 
     def make(model: KDDAGFM, phase: Phase) -> Engine:
         return DMPEngine(model, config, phase)
 
     return make
+
+
+def _default_device() -> torch.device:
+    """Return the device init_process_group would choose: a GPU when torch finds one."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -235,11 +235,11 @@ def _balance(sizes: dict[str, int], bins: int) -> dict[str, int]:
 
 
 def describe_plan(plan: ShardingPlan) -> dict[str, dict[str, Any]]:
-    """Per table: sharding type, compute kernel, ranks and shards.
+    """Describe each table's sharding type, compute kernel, ranks and shards.
 
-    Each shard is ``[rows, columns, row offset, column offset, rank]``; a
-    data-parallel table lists one full copy per rank. The result is
-    JSON-compatible and goes into every checkpoint's meta.json.
+    Each shard is ``[rows, columns, row offset, column offset, rank]``. A
+    data-parallel table has no shards because every rank has a full copy.
+    The result is JSON-compatible and goes into every checkpoint's meta.json.
     """
     module_plan = plan.get_plan_for_module(EBC_PATH)
     if module_plan is None:

@@ -24,7 +24,7 @@ _REQUIRED_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 def default_backend() -> str:
-    """``nccl`` when this process sees a GPU, else ``gloo``."""
+    """Return ``nccl`` when this process has a GPU, else ``gloo``."""
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
@@ -100,7 +100,7 @@ def local_world_size(world_size: int) -> int:
 
 
 def rank_device() -> torch.device:
-    """The device of this rank: its GPU under NCCL, else the CPU."""
+    """Return this rank's device: its GPU under NCCL, else the CPU."""
     if dist.is_initialized() and dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
