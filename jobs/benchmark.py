@@ -492,15 +492,17 @@ def accuracy_section(
             f"{len(settings.seeds)} seeds ({', '.join(map(str, settings.seeds))}). "
             f"Embedding {model['embedding_size']}, CrossNet depth {model['t_depth']}, "
             f"CIN {list(settings.cin_layers)}, DAGFM-outer depth {model['depth']}; "
-            "Adam at 1e-3, batch 2048 (32 on the Criteo sample), up to "
+            f"Adam at 1e-3, batch {256 if settings.quick else 2048} (32 on the "
+            "Criteo sample), up to "
             + ", ".join(f"{v} epochs on {k}" for k, v in settings.epochs.items())
             + f" per phase with early stopping after {settings.patience} epochs "
             "without a valid AUC gain; each phase reports its best valid epoch. "
             "The distilled student is evaluated right after distillation, the "
             "finetuned one after finetuning. 'DAGFM from scratch' is finetuning "
             "from fresh weights (`--phase finetuning --from_scratch true`): the "
-            "student without a teacher. The Criteo sample (200 rows, 20 test "
-            "rows) is a smoke check only; its AUCs carry no signal.",
+            "student without a teacher. The Criteo sample (200 rows, about 20 "
+            "of them in the test split) is a smoke check only; its AUCs carry "
+            "no signal.",
             "",
             markdown_table(header, table),
             "",
@@ -555,6 +557,13 @@ def speed_section(
         "wall-clock second and per CPU second of the process. kd-dagfm runs "
         "with `cache_in_memory: true`. Load average (1/5/15 min) "
         f"{comparison.load_before} before, {comparison.load_after} after.",
+        "",
+        "Both systems use the same number of intra-op threads. With two threads "
+        "on this shared 2-core machine both ran several times slower than with "
+        "one (OpenMP threads contending with other processes' work), so the "
+        "recorded runs use one. RecBole's own figure for distillation on an "
+        "idle machine of this kind, about 170,000 examples/s, is with its "
+        "default of two threads.",
         "",
     ]
     if comparison.skipped_reason:
@@ -830,8 +839,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     images = doc.parent / "benchmarks"
     images.mkdir(parents=True, exist_ok=True)
-    command = "python -m jobs.benchmark " + " ".join(
-        argv if argv is not None else sys.argv[1:]
+    command = " ".join(
+        ["python -m jobs.benchmark", *(argv if argv is not None else sys.argv[1:])]
     )
     logger.info("benchmark: %s, load average %s", settings, load_average())
 
