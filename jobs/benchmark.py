@@ -561,9 +561,10 @@ def speed_section(
         "Both systems use the same number of intra-op threads. With two threads "
         "on this shared 2-core machine both ran several times slower than with "
         "one (OpenMP threads contending with other processes' work), so the "
-        "recorded runs use one. RecBole's own figure for distillation on an "
-        "idle machine of this kind, about 170,000 examples/s, is with its "
-        "default of two threads.",
+        "recorded runs use one. The figure of about 170,000 examples/s for "
+        "RecBole's distillation on an idle machine of this kind was taken "
+        "without setting a thread count, that is with PyTorch's default of one "
+        "thread per core (two here).",
         "",
     ]
     if comparison.skipped_reason:
