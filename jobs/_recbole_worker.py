@@ -5,12 +5,12 @@ This script runs inside the RecBole virtual environment
 only RecBole, torch and the standard library. ``jobs/recbole_compare.py``
 starts it as a subprocess and reads the JSON it writes.
 
-For each phase it builds RecBole's model and trainer, times every call of
-``Trainer._train_epoch`` (the whole training epoch: data loader, forward,
-backward, Adam), evaluates on the validation split after each epoch, keeps
-the best epoch's weights, and finally evaluates them on the test split. The
-next phase warm-starts from a ``{"state_dict": ...}`` file, the format
-RecBole's own ``warm_up`` loads.
+For each phase it builds RecBole's model and trainer and times every call
+of ``Trainer._train_epoch``, which is the whole training epoch: data loader,
+forward, backward and Adam. After each epoch it evaluates on the validation
+split and keeps the best epoch's weights, which it finally evaluates on the
+test split. The next phase warm-starts from a ``{"state_dict": ...}`` file,
+the format RecBole's own ``warm_up`` loads.
 
 Usage (from the RecBole environment):
     python jobs/_recbole_worker.py --output result.json --workdir DIR \
