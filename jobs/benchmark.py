@@ -29,7 +29,7 @@ logged reason, when RecBole's environment is missing. The full run creates
 that environment (scripts/setup_recbole_venv.sh) when it is missing.
 
 Usage:
-    python -m jobs.benchmark                 # full run, about an hour on 2 cores
+    python -m jobs.benchmark                 # full run, 10-20 minutes on 2 cores
     python -m jobs.benchmark --quick --output_dir /tmp/bench
 """
 
@@ -151,7 +151,7 @@ def settings_for(quick: bool, threads: int, seeds: int) -> Settings:
         threads=threads,
         model={"embedding_size": 16, "depth": 3, "t_depth": 3},
         # CIN's outer products make it ~100x the FLOPs of CrossNet at RecBole's
-        # [200, 200, 200]; the accuracy runs use a small CIN to fit in an hour.
+        # [200, 200, 200]; the accuracy runs use a small CIN to keep the job short.
         cin_layers=(16, 16),
         synthetic={
             "synthetic_rows": 50_000,
@@ -735,7 +735,8 @@ def run_section(threads: int) -> str:
         [
             "## How the benchmark figures were made",
             "",
-            "`python -m jobs.benchmark` (the full run, about an hour on 2 cores) "
+            "`python -m jobs.benchmark` (the full run, 10 to 20 minutes on the "
+            "2-core machine below) "
             "writes the sections below and the plots in `docs/benchmarks/`; "
             "`--skip_accuracy` repeats only cost, speed and roofline. Each section "
             "opens with the command that wrote it, when, and the machine's load "
@@ -787,7 +788,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m jobs.benchmark", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument(
-        "--quick", action="store_true", help="tiny models and data, minutes not hours"
+        "--quick",
+        action="store_true",
+        help="tiny models and data: under a minute instead of 10-20",
     )
     parser.add_argument(
         "--output_dir",
