@@ -375,8 +375,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except KDDAGFMError as e:
-        logger.error("%s", e)
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        # A path that is a file, read-only or missing: name it, no traceback.
+        print(
+            f"error: {e.strerror or e} ({e.filename or 'no path'}); check that "
+            "output_dir and dataset are writable directories",
+            file=sys.stderr,
+        )
         return 2
 
 

@@ -223,9 +223,10 @@ class TrainConfig:
             "ctr_loss_weight",
             "kd_loss_weight",
         ):
-            if not float(getattr(self, name)) >= 0.0:
+            if not 0.0 <= float(getattr(self, name)) < float("inf"):
                 raise ConfigError(
-                    f"invalid {name} {getattr(self, name)!r}: expected >= 0"
+                    f"invalid {name} {getattr(self, name)!r}: expected a finite "
+                    "number >= 0"
                 )
         if not self.learning_rate > 0:
             raise ConfigError(
@@ -697,7 +698,11 @@ def _coerce_to(annotation: Any, value: Any) -> Any:
         return _coerce_to(non_none[0], value)
     if origin is tuple:
         if isinstance(value, str):
-            value = [v for v in value.strip("[]() ").split(",") if v.strip()]
+            text = value.strip()
+            opened, closed = text[:1] in "[(", text[-1:] in "])"
+            if opened != closed:
+                raise ValueError(value)  # unbalanced brackets, as in "[200,"
+            value = [v for v in text.strip("[]() ").split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
             raise TypeError(value)
         return tuple(_coerce_to(args[0], v) for v in value)

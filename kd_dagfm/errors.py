@@ -23,6 +23,10 @@ class DataError(KDDAGFMError, ValueError):
     """Input data that cannot be read or fails validation."""
 
 
+class TrainingError(KDDAGFMError, RuntimeError):
+    """Training that cannot continue, such as a loss that became NaN or infinite."""
+
+
 class CheckpointError(KDDAGFMError, RuntimeError):
     """A checkpoint that is missing, unreadable, incomplete or incompatible."""
 

@@ -71,7 +71,12 @@ def test_unknown_nested_key_names_section() -> None:
         ({"epochs": "ten"}, "invalid value 'ten' for 'epochs': expected int"),
         ({"epochs": 0}, "invalid epochs 0: expected a positive integer"),
         ({"t_cin": []}, "invalid t_cin \\[\\]"),
-        ({"learning_rate": -1}, "invalid learning_rate -1.0: expected >= 0"),
+        ({"learning_rate": -1}, "invalid learning_rate -1.0: expected a finite number"),
+        (
+            {"learning_rate": "inf"},
+            "invalid learning_rate inf: expected a finite number",
+        ),
+        ({"t_cin": "[200,"}, "invalid value '\\[200,' for 't_cin'"),
         ({"alpha": 0, "beta": 0}, "ctr_loss_weight and kd_loss_weight are both 0"),
         ({"embedding_optimizer": "lamb"}, "invalid embedding_optimizer 'lamb'"),
         ({"sharding": "diagonal"}, "invalid sharding 'diagonal'"),

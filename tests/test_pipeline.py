@@ -13,6 +13,7 @@ import torch
 
 from kd_dagfm.config import RunConfig
 from kd_dagfm.data.reader import ParquetSplit, SplitReader, load_schema
+from kd_dagfm.errors import CheckpointError, DataError, TrainingError
 from kd_dagfm.model import KDDAGFM
 from kd_dagfm.phases import Phase
 from kd_dagfm.pipeline import format_results, run_phase, run_pipeline
@@ -258,3 +259,32 @@ def test_cli_reports_config_errors(tmp_path: Path) -> None:
     )
     assert completed.returncode == 2
     assert "distillation needs warm_up" in completed.stderr
+
+
+def test_finished_phase_rejects_other_settings(
+    tiny_run: tuple[RunConfig, list[PhaseResult]],
+) -> None:
+    config, _ = tiny_run
+    with pytest.raises(
+        CheckpointError,
+        match="belongs to a run with other settings: epochs=3 \\(this run: 4\\)",
+    ):
+        run_phase(config.replace(epochs=4), Phase.TEACHER_TRAINING)
+    with pytest.raises(
+        CheckpointError, match="synthetic_rows=6000 \\(this run: 7000\\)"
+    ):
+        run_phase(config.replace(synthetic_rows=7000), Phase.TEACHER_TRAINING)
+
+
+def test_diverging_loss_stops_training(tmp_path: Path) -> None:
+    config = tiny_config(tmp_path, learning_rate=1e30)
+    with pytest.raises(
+        TrainingError, match="teacher_training loss is (nan|inf) at step"
+    ):
+        run_phase(config, Phase.TEACHER_TRAINING)
+
+
+def test_in_memory_split_smaller_than_batch(tmp_path: Path) -> None:
+    config = tiny_config(tmp_path, cache_in_memory=True, train_batch_size=8192)
+    with pytest.raises(DataError, match="no rank gets a full batch"):
+        run_phase(config, Phase.TEACHER_TRAINING)

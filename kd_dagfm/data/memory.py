@@ -272,6 +272,12 @@ class InMemorySplitReader:
         self.remainder = remainder
         self.rows_skipped = split.rows_skipped
         self._state = self._start_of(0, seed)
+        if remainder == "drop" and (split.num_rows // world_size) // batch_size == 0:
+            raise DataError(
+                f"split has {split.num_rows} rows: with {world_size} rank(s) of "
+                f"{batch_size} rows per batch no rank gets a full batch; lower the "
+                "batch size or use more data"
+            )
 
     def state(self) -> ReaderState:
         return self._state

@@ -187,6 +187,9 @@ class CheckpointManager:
         except BaseException as e:  # CheckpointException is a BaseException
             if isinstance(e, (KeyboardInterrupt, SystemExit)):
                 raise
+            if "KeyboardInterrupt" in f"{e!r} {e}":
+                # DCP wraps an interrupt on any rank in a CheckpointException.
+                raise KeyboardInterrupt from e
             raise CheckpointError(
                 f"failed to write checkpoint {path!r} ({type(e).__name__}: {e}); the "
                 "previous checkpoints are unchanged. Check free space, permissions and "
@@ -256,6 +259,9 @@ def load_state(path: str, state: dict[str, Any]) -> None:
     except BaseException as e:  # CheckpointException is a BaseException
         if isinstance(e, (KeyboardInterrupt, SystemExit)):
             raise
+        if "KeyboardInterrupt" in f"{e!r} {e}":
+            # DCP wraps an interrupt on any rank in a CheckpointException.
+            raise KeyboardInterrupt from e
         raise CheckpointError(
             f"failed to load checkpoint {path!r} ({type(e).__name__}: {e})"
         ) from None

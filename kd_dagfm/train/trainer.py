@@ -22,7 +22,7 @@ from kd_dagfm.config import RunConfig
 from kd_dagfm.data.batch import Batch
 from kd_dagfm.data.memory import InMemorySplit, InMemorySplitReader
 from kd_dagfm.data.reader import ParquetSplit, ReaderState, SplitReader
-from kd_dagfm.errors import CheckpointError, ConfigError
+from kd_dagfm.errors import CheckpointError, ConfigError, TrainingError
 from kd_dagfm.flops import count_parameters, count_state_elements, flops_per_example
 from kd_dagfm.model import KDDAGFM, STUDENT_NAMES, TEACHER_NAMES, evaluated_logits
 from kd_dagfm.objective import KDObjective
@@ -121,6 +121,57 @@ def check_compatible(
         )
 
 
+# Settings that change what a phase computes. A finished or interrupted phase
+# is reused or resumed only when they are unchanged; the others (paths,
+# logging, worker layout, sharding) may differ between runs.
+RESULT_KEYS = {
+    "train": (
+        "learning_rate",
+        "embedding_learning_rate",
+        "weight_decay",
+        "embedding_optimizer",
+        "train_batch_size",
+        "epochs",
+        "early_stopping_patience",
+        "ctr_loss_weight",
+        "kd_loss_weight",
+        "seed",
+        "max_steps_per_epoch",
+        "from_scratch",
+    ),
+    "data": (
+        "synthetic_rows",
+        "synthetic_fields",
+        "synthetic_vocab_size",
+        "shuffle",
+        "remainder",
+        "bad_rows",
+    ),
+}
+
+
+def check_same_run(meta: dict[str, Any], config: RunConfig, source: str) -> None:
+    """Raise CheckpointError when ``config`` would train the phase differently
+    from the run that wrote ``meta``."""
+    saved = meta.get("config", {})
+    current = config.to_dict()
+    differences = [
+        f"{key}={saved.get(section, {}).get(key)!r} (this run: {current[section][key]!r})"
+        for section, keys in RESULT_KEYS.items()
+        for key in keys
+        if key in current[section]
+        and key in saved.get(section, {})
+        and saved[section][key] != current[section][key]
+    ]
+    if differences:
+        raise CheckpointError(
+            f"{source} belongs to a run with other settings: "
+            + ", ".join(differences)
+            + ". Rerun with the same settings to reuse or resume it, or choose a "
+            "new output_dir"
+        )
+
+
 class PhaseTrainer:
     """Runs one phase on one rank.
 
@@ -170,6 +221,9 @@ class PhaseTrainer:
         if latest is not None and latest.kind == "final":
             check_compatible(
                 latest.meta, self.config, self.schema, f"checkpoint {latest.path}"
+            )
+            check_same_run(
+                latest.meta, self.config, f"finished checkpoint {latest.path}"
             )
             logger.info(
                 "%s already finished (%s); reusing its result",
@@ -323,6 +377,7 @@ class PhaseTrainer:
         check_compatible(
             latest.meta, self.config, self.schema, f"checkpoint {latest.path}"
         )
+        check_same_run(latest.meta, self.config, f"checkpoint {latest.path}")
         self.engine.check_resume(latest.meta)
         optimizer_state = self.engine.optimizer_state()
         load_state(
@@ -378,6 +433,13 @@ class PhaseTrainer:
                     teacher_logits=batch.teacher_logits,
                 )
                 loss, parts = self.objective(output, batch.labels, self.phase)
+                if not torch.isfinite(loss).item():
+                    raise TrainingError(
+                        f"{self.phase.value} loss is {loss.item()} at step "
+                        f"{state.step + 1} (epoch {epoch}): training diverged. Lower "
+                        f"learning_rate (now {train.learning_rate}) or, in "
+                        "distillation, kd_loss_weight, and rerun with a new output_dir"
+                    )
                 self.engine.optimize(loss)
                 loss_sum += loss.detach()
                 steps += 1
