@@ -150,9 +150,14 @@ RESULT_KEYS = {
 }
 
 
-def check_same_run(meta: dict[str, Any], config: RunConfig, source: str) -> None:
+def check_same_run(
+    meta: dict[str, Any],
+    config: RunConfig,
+    source: str,
+    allowed: tuple[str, ...] = (),
+) -> None:
     """Raise CheckpointError when ``config`` would train the phase differently
-    from the run that wrote ``meta``."""
+    from the run that wrote ``meta``; keys in ``allowed`` may differ."""
     saved = meta.get("config", {})
     current = config.to_dict()
     differences = [
@@ -160,6 +165,7 @@ def check_same_run(meta: dict[str, Any], config: RunConfig, source: str) -> None
         for section, keys in RESULT_KEYS.items()
         for key in keys
         if key in current[section]
+        and key not in allowed
         and key in saved.get(section, {})
         and saved[section][key] != current[section][key]
     ]
@@ -377,7 +383,10 @@ class PhaseTrainer:
         check_compatible(
             latest.meta, self.config, self.schema, f"checkpoint {latest.path}"
         )
-        check_same_run(latest.meta, self.config, f"checkpoint {latest.path}")
+        # An interrupted phase may be resumed with more (or fewer) epochs.
+        check_same_run(
+            latest.meta, self.config, f"checkpoint {latest.path}", allowed=("epochs",)
+        )
         self.engine.check_resume(latest.meta)
         optimizer_state = self.engine.optimizer_state()
         load_state(
