@@ -759,12 +759,15 @@ def curves_for(runs: Sequence[AccuracyRun], dataset: str) -> list[Curve]:
     for run in runs:
         if run.dataset != dataset or run.seed != run_seed0(runs):
             continue
-        source = TEACHER_LABELS.get(run.teacher, "no teacher")
+        source = f"from {TEACHER_LABELS[run.teacher]}" if run.teacher else "no teacher"
         for result in run.results:
             history = result.history
+            label = result.model_name
+            if result.phase is not Phase.TEACHER_TRAINING:
+                label = f"{result.model_name} ({source})"
             curves.append(
                 Curve(
-                    label=f"{result.model_name} ({source})",
+                    label=label,
                     phase=result.phase.value,
                     epochs=tuple(int(h["epoch"]) for h in history),
                     valid_auc=tuple(h["valid_auc"] for h in history),
