@@ -76,7 +76,7 @@ def prepare_dataset(config: RunConfig) -> tuple[str, FeatureSchema]:
 
 
 def recbole_atomic_name(directory: str) -> str | None:
-    """The dataset name when ``directory`` contains RecBole atomic files
+    """Return the dataset name when ``directory`` contains RecBole atomic files
     (``<name>.inter``) rather than a Parquet dataset, else None."""
     if "://" in directory or not os.path.isdir(directory):
         return None

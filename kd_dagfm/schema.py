@@ -1,6 +1,6 @@
 """Feature schema: which columns a dataset has and how each one is embedded.
 
-A dataset directory (local path or fsspec URL) holds one ``schema.json`` next
+A dataset directory (local path or fsspec URL) contains one ``schema.json`` next
 to its split folders. The schema is also stored in every checkpoint, so a
 later phase can check that it trains on the same features.
 """
@@ -137,7 +137,7 @@ class FeatureSchema:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
 
     def fingerprint(self) -> str:
-        """A short hash of the schema, equal for equal schemas."""
+        """Return a short hash of the schema, equal for equal schemas."""
         canonical = json.dumps(self.to_dict(), sort_keys=True).encode()
         return hashlib.sha256(canonical).hexdigest()[:16]
 

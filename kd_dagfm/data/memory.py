@@ -34,8 +34,14 @@ import torch
 from torchrec import KeyedJaggedTensor
 
 from kd_dagfm.data.batch import Batch
-from kd_dagfm.data.reader import ParquetSplit, ReaderState, SplitReader
-from kd_dagfm.errors import ConfigError, DataError
+from kd_dagfm.data.reader import (
+    ParquetSplit,
+    ReaderState,
+    SplitReader,
+    check_full_batches,
+    check_reader_layout,
+)
+from kd_dagfm.errors import DataError
 from kd_dagfm.schema import FeatureKind, FeatureSchema
 
 logger = logging.getLogger(__name__)
@@ -253,17 +259,7 @@ class InMemorySplitReader:
         shuffle: bool = True,
         remainder: str = "drop",
     ) -> None:
-        if not 0 <= rank < world_size:
-            raise ConfigError(
-                f"rank {rank} is outside world size {world_size}: expected "
-                f"0 <= rank < {world_size}"
-            )
-        if batch_size < 1:
-            raise ConfigError(f"invalid batch_size {batch_size}: expected >= 1")
-        if remainder not in ("drop", "keep"):
-            raise ConfigError(
-                f"invalid remainder {remainder!r}: expected one of drop, keep"
-            )
+        check_reader_layout(rank, world_size, batch_size, remainder)
         self.split = split
         self.batch_size = batch_size
         self.rank = rank
@@ -272,11 +268,13 @@ class InMemorySplitReader:
         self.remainder = remainder
         self.rows_skipped = split.rows_skipped
         self._state = self._start_of(0, seed)
-        if remainder == "drop" and (split.num_rows // world_size) // batch_size == 0:
-            raise DataError(
-                f"split has {split.num_rows} rows: with {world_size} rank(s) of "
-                f"{batch_size} rows per batch no rank gets a full batch; lower the "
-                "batch size or use more data"
+        if remainder == "drop":
+            check_full_batches(
+                split.name,
+                split.num_rows,
+                world_size,
+                batch_size,
+                (split.num_rows // world_size) // batch_size,
             )
 
     def state(self) -> ReaderState:

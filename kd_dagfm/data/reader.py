@@ -494,22 +494,15 @@ class SplitReader:
         shuffle_block_rows: int = 1,
         readahead_row_groups: int | None = None,
     ) -> None:
-        if not 0 <= rank < world_size:
+        check_reader_layout(rank, world_size, batch_size, remainder)
+        if shuffle_block_rows < 1:
             raise ConfigError(
-                f"rank {rank} is outside world size {world_size}: expected "
-                f"0 <= rank < {world_size}"
+                f"invalid shuffle_block_rows {shuffle_block_rows}: expected >= 1"
             )
-        for name, value in (
-            ("batch_size", batch_size),
-            ("shuffle_block_rows", shuffle_block_rows),
-        ):
-            if value < 1:
-                raise ConfigError(f"invalid {name} {value}: expected >= 1")
         if prefetch_batches < 0:
             raise ConfigError(
                 f"invalid prefetch_batches {prefetch_batches}: expected >= 0"
             )
-        _check_choice("remainder", remainder, REMAINDER_POLICIES)
         _check_choice("bad_rows", bad_rows, BAD_ROW_POLICIES)
         self.split = split
         self.batch_size = batch_size
@@ -631,11 +624,13 @@ class SplitReader:
     def _produce(self, start: ReaderState) -> Iterator[tuple[Batch, ReaderState]]:
         pieces = self._pieces(start.epoch)
         limit = self.batches_in_epoch(start.epoch)
-        if limit == 0:
-            raise DataError(
-                f"split {self.split.split!r} has {self.split.num_rows} rows: with "
-                f"{self.world_size} rank(s) of {self.batch_size} rows per batch no "
-                "rank gets a full batch; lower the batch size or use more data"
+        if limit is not None:
+            check_full_batches(
+                self.split.split,
+                self.split.num_rows,
+                self.world_size,
+                self.batch_size,
+                limit,
             )
         tables = _RowGroupSource(self.split, pieces, self.readahead_row_groups)
         assembler = BatchAssembler(self.split.schema)
@@ -796,6 +791,33 @@ def _one_line(error: BaseException) -> str:
 def _name_key(name: str) -> int:
     """Hash a shard name to a stable 32-bit key for seeding."""
     return zlib.crc32(name.encode())
+
+
+def check_reader_layout(
+    rank: int, world_size: int, batch_size: int, remainder: str
+) -> None:
+    """Raise ConfigError for a rank outside the world, a batch size below 1
+    or an unknown remainder policy; shared by the streaming and in-memory readers."""
+    if not 0 <= rank < world_size:
+        raise ConfigError(
+            f"rank {rank} is outside world size {world_size}: expected "
+            f"0 <= rank < {world_size}"
+        )
+    if batch_size < 1:
+        raise ConfigError(f"invalid batch_size {batch_size}: expected >= 1")
+    _check_choice("remainder", remainder, REMAINDER_POLICIES)
+
+
+def check_full_batches(
+    split: str, num_rows: int, world_size: int, batch_size: int, batches: int
+) -> None:
+    """Raise DataError when the drop policy leaves no rank a full batch."""
+    if batches == 0:
+        raise DataError(
+            f"split {split!r} has {num_rows} rows: with {world_size} rank(s) of "
+            f"{batch_size} rows per batch no rank gets a full batch; lower the "
+            "batch size or use more data"
+        )
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
